@@ -1,0 +1,183 @@
+"""Building blocks shared by the decoders: LoRA/NF4-aware Linear, RMSNorm, rotary embeddings,
+and masked grouped-query attention.
+
+Logical axis names (mapped to mesh axes in `jaxalign.sharding`):
+  'vocab', 'embed', 'heads' (q/o projection width = heads * head_dim), 'kv' (k/v projection width),
+  'mlp', 'norm'.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def _is_plain_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer)
+
+
+def materialize_kernel(kernel, dtype):
+    """Returns the kernel as a dense array of `dtype`; NF4Tensor leaves are dequantised here,
+    inside the caller's jit, so XLA fuses the dequantisation into the matmul's producer."""
+    if _is_plain_array(kernel):
+        return jnp.asarray(kernel, dtype)
+    from jaxalign.quant.nf4 import NF4Tensor, dequantize_nf4  # lazy: only QLoRA needs it
+
+    if isinstance(kernel, NF4Tensor):
+        return dequantize_nf4(kernel, dtype)
+    raise TypeError(f"unsupported kernel leaf of type {type(kernel).__name__}")
+
+
+class Linear(nn.Module):
+    """y = x W (+ b) (+ s * dropout(x) A B).
+
+    The kernel W [in, out] may be an NF4Tensor (QLoRA). LoRA factors are read from the 'lora'
+    variable collection (`lora_a` [in, r], `lora_b` [r, out]) when present, so the same module
+    runs with or without an adapter: calling without the 'lora' collection *is* the reference
+    model. `W + BA` is never materialised.
+    """
+
+    features: int
+    use_bias: bool = False
+    kernel_axes: tuple[str | None, str | None] = ("embed", "mlp")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    lora: Any = None  # LoraSpec | None: static scale/dropout settings for adapters
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool = True):
+        in_features = x.shape[-1]
+        if self.has_variable("params", "kernel") and not self.is_initializing():
+            kernel = self.get_variable("params", "kernel")
+        else:
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.kernel_axes),
+                (in_features, self.features),
+                self.param_dtype,
+            )
+        w = materialize_kernel(kernel, self.dtype)
+        if w.shape != (in_features, self.features):
+            raise ValueError(
+                f"{'/'.join(self.path)}: kernel has shape {w.shape}, expected {(in_features, self.features)}"
+            )
+        x = x.astype(self.dtype)
+        y = x @ w
+        if self.use_bias:
+            b = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
+                (self.features,),
+                self.param_dtype,
+            )
+            y = y + jnp.asarray(b, self.dtype)
+        if self.has_variable("lora", "lora_a"):
+            a = self.get_variable("lora", "lora_a")
+            b = self.get_variable("lora", "lora_b")
+            path = "/".join(self.path)
+            if self.lora is None:
+                raise ValueError(
+                    f"{path}: LoRA factors were passed in the 'lora' collection but the model has "
+                    "no LoraSpec; build the model with `model.clone(lora=spec)`"
+                )
+            scale = self.lora.scale(path, a.shape[-1])
+            h = x
+            if self.lora.dropout > 0.0 and not deterministic:
+                h = nn.Dropout(rate=self.lora.dropout)(h, deterministic=False)
+            y = y + ((h @ a.astype(self.dtype)) @ b.astype(self.dtype)) * jnp.asarray(scale, self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32 and cast back (as Hugging Face Llama)."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],), self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (jnp.asarray(w, self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, rope) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] for rope_type default / linear / llama3 (Llama 3.1)."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if rope.rope_type == "linear":
+        inv = inv / rope.factor
+    elif rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wl = old / rope.low_freq_factor
+        high_wl = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wl, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotates x [B, T, H, D] by positions [B, T] (Hugging Face's rotate_half convention)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
+    cos = jnp.cos(emb)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(emb)[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask_4d(q_positions, kv_positions, kv_valid, *, sliding_window=None):
+    """Boolean mask [B, 1, Tq, Tk]: causal by position, key padding, optional sliding window.
+
+    q_positions [B, Tq] and kv_positions [B, Tk] are the sequence slots (not rope positions)
+    of queries and keys; kv_valid [B, Tk] marks real (non-padding) keys.
+    """
+    q = q_positions[:, :, None]
+    k = kv_positions[:, None, :]
+    mask = (k <= q) & kv_valid[:, None, :]
+    if sliding_window is not None:
+        mask = mask & (q - k < sliding_window)
+    return mask[:, None, :, :]
+
+
+def dot_product_attention(q, k, v, mask, *, scale, dtype):
+    """Grouped-query attention. q [B, T, H, D], k/v [B, S, KVH, D], mask [B, 1, T, S] -> [B, T, H, D].
+
+    Logits and softmax in fp32; query rows with no valid key (padding) return zeros.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    q = q.reshape(b, t, kvh, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    m = mask[:, :, None, :, :]  # [B, 1, 1, T, S]
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
+    return out.reshape(b, t, h, d)
+
+
+def default_positions(attention_mask):
+    """Rope positions from a padding mask [B, T]: cumsum - 1 over real tokens, 0 on padding.
+    Works for left and right padding."""
+    am = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(am, axis=-1) - 1, 0)
