@@ -35,12 +35,9 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "prompt_only": ("prompt",),
 }
-# The family name TRL uses for `messages` and `text`.
-LANGUAGE_MODELING = ("messages", "text")
 ROLES = ("system", "user", "assistant", "tool")
 # Fields holding something the model must learn to produce: an empty one is an error.
 COMPLETION_FIELDS = ("completion", "chosen", "rejected", "text")
-TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected", "text", "messages")
 
 
 def detect_format(columns: Iterable[str], *, source: str | None = None) -> str:
@@ -62,12 +59,6 @@ def detect_format(columns: Iterable[str], *, source: str | None = None) -> str:
         + "; ".join(f"{k}: {list(v)}" for k, v in FORMATS.items()),
         source=source,
     )
-
-
-def is_messages(value: Any) -> bool:
-    """True iff `value` looks like a conversation: a list whose first item is a dict with a role."""
-    return isinstance(value, list) and bool(value) and isinstance(value[0], Mapping) \
-        and "role" in value[0]
 
 
 def detect_conversational(rows: Iterable[Mapping[str, Any]], fmt: str) -> bool:

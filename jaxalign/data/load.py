@@ -138,7 +138,8 @@ def load_dataset(
         return ds, report
     if os.path.isdir(path_or_name):
         ds = datasets.load_from_disk(path_or_name)
-    elif os.path.sep in path_or_name and path_or_name.startswith((".", os.path.sep)):
+    elif path_or_name.endswith(JSON_EXTENSIONS + PARQUET_EXTENSIONS) or path_or_name.startswith(
+            (".", os.path.sep)):
         raise FileNotFoundError(f"{path_or_name}: no such file or directory")
     else:
         ds = datasets.load_dataset(path_or_name, split=split, **hub_kwargs)

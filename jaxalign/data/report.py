@@ -68,8 +68,8 @@ class DataError(ValueError):
 class DataReport:
     """Counts for one data step: `rows_in` rows seen, `rows_kept` kept, `dropped[reason]` dropped.
 
-    `rows_in == rows_kept + sum(dropped.values())` for a filtering step. A step that expands rows
-    (unpairing preferences) reports the expanded count in `rows_kept`.
+    `rows_in == rows_kept + sum(dropped.values())`; both count input rows (a preference pair
+    unpaired into two examples is one row).
     """
 
     rows_in: int

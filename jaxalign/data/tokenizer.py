@@ -40,7 +40,7 @@ def build_char_tokenizer(*, chars: str = DEFAULT_CHARS) -> PreTrainedTokenizerFa
     """Returns the character-level tokenizer described in the module docstring.
 
     `chars` lists the ordinary characters (each must be a single, distinct character); anything else
-    maps to `<unk>`. Vocabulary size is `7 + len(chars)` (57 by default).
+    maps to `<unk>`. Vocabulary size is `7 + len(chars)` (54 by default).
     """
     if len(set(chars)) != len(chars):
         raise ValueError(f"`chars` must hold distinct characters, got {chars!r}")

@@ -58,7 +58,7 @@ def gae(*, rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
         r_t, v_t, k_t = xs
         adv = r_t + gamma * next_value - v_t + gamma * lam * next_adv
         adv = jnp.where(k_t, adv, 0.0)
-        carry = (jnp.where(k_t, v_t, next_value), jnp.where(k_t, adv, next_adv))
+        carry = (jnp.where(k_t, v_t, 0.0), jnp.where(k_t, adv, next_adv))
         return carry, adv
 
     zeros = jnp.zeros(rewards.shape[:1], rewards.dtype)

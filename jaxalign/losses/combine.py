@@ -14,13 +14,15 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+__all__ = ["combine_losses"]
+
 Array = jax.Array
 LossFn = Callable[..., tuple[Array, dict[str, Array]]]
 
 
-def _parameters(name: str, fn: LossFn) -> tuple[set[str], set[str], bool]:
-    """(accepted keyword names, required keyword names, whether it takes **kwargs)."""
-    accepted, required, var_keyword = set(), set(), False
+def _parameters(fn: LossFn) -> tuple[set[str], set[str], bool, list[str]]:
+    """(accepted keyword names, required keyword names, takes **kwargs, required positional-only)."""
+    accepted, required, var_keyword, positional = set(), set(), False, []
     for param in inspect.signature(fn).parameters.values():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             var_keyword = True
@@ -29,13 +31,25 @@ def _parameters(name: str, fn: LossFn) -> tuple[set[str], set[str], bool]:
             if param.default is inspect.Parameter.empty:
                 required.add(param.name)
         elif param.kind is inspect.Parameter.POSITIONAL_ONLY and param.default is inspect.Parameter.empty:
-            raise ValueError(f"combine_losses: loss {name!r} has a positional-only argument `{param.name}`")
-    return accepted, required, var_keyword
+            positional.append(param.name)
+    return accepted, required, var_keyword, positional
+
+
+def _known_names(registry: Mapping[str, LossFn]) -> set[str]:
+    known: set[str] = set()
+    for fn in registry.values():
+        try:
+            known |= _parameters(fn)[0]
+        except (TypeError, ValueError):  # not introspectable: it cannot vouch for any name
+            pass
+    return known
 
 
 def _normalise_terms(terms) -> list[tuple[str, Any, dict[str, Any]]]:
     if isinstance(terms, (str, bytes)) or not isinstance(terms, Sequence) or len(terms) == 0:
-        raise ValueError(f"combine_losses: `terms` must be a non-empty sequence of (name, weight[, kwargs]), got {terms!r}")
+        raise ValueError(
+            f"combine_losses: `terms` must be a non-empty sequence of (name, weight[, kwargs]), got {terms!r}"
+        )
     out = []
     for i, term in enumerate(terms):
         if not isinstance(term, (tuple, list)) or len(term) not in (2, 3) or not isinstance(term[0], str):
@@ -47,7 +61,9 @@ def _normalise_terms(terms) -> list[tuple[str, Any, dict[str, Any]]]:
     names = [name for name, _, _ in out]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"combine_losses: loss names repeat in `terms` ({duplicates}); their metrics would collide")
+        raise ValueError(
+            f"combine_losses: loss names repeat in `terms` ({duplicates}); their metrics would collide"
+        )
     return out
 
 
@@ -78,7 +94,8 @@ def combine_losses(
 
     Raises:
       ValueError: for an unknown name, a missing required argument of some loss, a keyword that no
-        selected loss accepts (usually a typo), or terms whose losses have different shapes.
+        registered loss accepts (usually a typo; arrays for unselected registered losses are
+        ignored), or terms whose losses have different shapes.
     """
     terms = _normalise_terms(terms)
     used: set[str] = set()
@@ -89,7 +106,12 @@ def combine_losses(
         if name not in registry:
             raise ValueError(f"combine_losses: unknown loss {name!r}; registered: {sorted(registry)}")
         fn = registry[name]
-        accepted, required, var_keyword = _parameters(name, fn)
+        accepted, required, var_keyword, positional = _parameters(fn)
+        if positional:
+            raise ValueError(
+                f"combine_losses: loss {name!r} has positional-only argument(s) {positional}; "
+                "losses must take keyword arguments"
+            )
         available = {**kwargs, **overrides}
         unknown_overrides = set(overrides) - accepted
         if unknown_overrides and not var_keyword:
@@ -99,7 +121,9 @@ def combine_losses(
             )
         missing = sorted(required - set(available))
         if missing:
-            raise ValueError(f"combine_losses: loss {name!r} needs the argument(s) {missing}, which were not given")
+            raise ValueError(
+                f"combine_losses: loss {name!r} needs the argument(s) {missing}, which were not given"
+            )
         call = available if var_keyword else {k: v for k, v in available.items() if k in accepted}
         used.update(call)
         losses, term_metrics = fn(**call)
@@ -114,9 +138,12 @@ def combine_losses(
         metrics[f"{name}/loss"] = jax.lax.stop_gradient(losses)
         for key, value in term_metrics.items():
             metrics[f"{name}/{key}"] = value
-    unused = sorted(set(kwargs) - used)
-    if unused:
+    # Arrays meant for other registered losses may ride along (a batch carries them all); a name no
+    # registered loss knows is most likely a typo.
+    unknown = sorted(set(kwargs) - used - _known_names(registry))
+    if unknown:
         raise ValueError(
-            f"combine_losses: argument(s) {unused} are accepted by none of the losses {[n for n, _, _ in terms]}"
+            f"combine_losses: argument(s) {unknown} are accepted by none of the registered losses "
+            f"(selected: {[n for n, _, _ in terms]})"
         )
     return jnp.asarray(total, jnp.float32), metrics

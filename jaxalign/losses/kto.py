@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 from jaxalign.losses._checks import check_batch
 
+__all__ = ["kto_loss", "kto_kl_estimate", "apo_zero_unpaired_loss"]
+
 Array = jax.Array
 
 

@@ -10,7 +10,8 @@ Notation: r_c = pi_c - ref_c, r_r = pi_r - ref_r (log-ratios), s(.) the f-DPO sc
 (`f_divergence_scores`, identity for the default reverse KL), Delta = s(r_c) - s(r_r), z = beta * Delta.
 
 Losses that anchor each response's reward separately (NCA, BCO, SPPO, APO) are in
-`preference_anchored.py`; `LOSSES` below maps TRL's `loss_type` strings to all of them.
+`preference_anchored.py`, the batch-sorting AOT losses in `preference_aot.py`; `LOSSES` below maps
+TRL's `loss_type` strings to all of them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.losses import preference_anchored as _anchored
+from jaxalign.losses.preference_aot import aot_loss, aot_unpaired_loss
 from jaxalign.losses.preference_base import (
     check_interval,
     check_positive,
@@ -26,7 +28,14 @@ from jaxalign.losses.preference_base import (
     logratio_inputs,
     prepare,
     reward_metrics,
+    smoothed_sigmoid_loss,
 )
+
+__all__ = [
+    "dpo_loss", "robust_dpo_loss", "ipo_loss", "sigmoid_norm_loss", "hinge_loss", "exo_loss",
+    "discopop_loss", "dpop_loss", "aot_loss", "aot_unpaired_loss", "slic_loss", "nca_pair_loss",
+    "bco_pair_loss", "sppo_hard_loss", "apo_zero_loss", "apo_down_loss", "f_divergence_scores",
+]
 
 _log_sigmoid = jax.nn.log_sigmoid
 
@@ -36,11 +45,6 @@ def _margin(name, *, beta, f_divergence_type, f_alpha_divergence_coef, **arrays)
     a, chosen, rejected, metrics = logratio_inputs(name, beta=beta, **arrays)
     kw = dict(f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef)
     return a, f_divergence_scores(chosen, **kw), f_divergence_scores(rejected, **kw), metrics
-
-
-def _smoothed_sigmoid_loss(z, label_smoothing):
-    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z), elementwise."""
-    return -(1.0 - label_smoothing) * _log_sigmoid(z) - label_smoothing * _log_sigmoid(-z)
 
 
 def dpo_loss(
@@ -74,7 +78,7 @@ def dpo_loss(
         policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
         ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
     )
-    return _smoothed_sigmoid_loss(beta * (sc - sr), label_smoothing), metrics
+    return smoothed_sigmoid_loss(beta * (sc - sr), label_smoothing), metrics
 
 
 def robust_dpo_loss(
@@ -132,7 +136,8 @@ def ipo_loss(
       * pass average log-probs (`sequence_logps(..., average=True)`) and no lengths (L = 1), or
       * pass summed log-probs and `chosen_lengths`/`rejected_lengths` [B] (clamped to >= 1).
     With a non-reverse-KL `f_divergence_type` only the second form equals TRL (TRL applies s(.) to
-    the summed log-ratio before dividing).
+    the summed log-ratio before dividing). IPO squares the score, so with forward-KL/alpha scores
+    beyond ~1.8e19 (|log-ratio| > ~44) the loss overflows fp32 to inf, as TRL's does.
 
     Args: the four log-prob arrays, each [B]; optional lengths [B]. Returns (losses [B], metrics).
     """
@@ -309,63 +314,6 @@ def dpop_loss(
     )
     penalty = jax.nn.relu(-rc)
     return -_log_sigmoid(beta * (rc - rr - lambda_ * penalty)), metrics
-
-
-def aot_loss(
-    *,
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    beta=0.1,
-    label_smoothing=0.0,
-):
-    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
-    Transport", arXiv:2406.05882). TRL's `loss_type="aot"`.
-
-      h = sort_B(pi_c - pi_r),  h_ref = sort_B(ref_c - ref_r),  d = beta * (h - h_ref)
-      loss_i = -(1 - eps) log sigmoid(d_i) - eps log sigmoid(-d_i)
-
-    The sort runs over the batch axis, so loss_i belongs to the i-th quantile, not to pair i: only
-    the batch mean is meaningful (the metrics stay per pair). Under `jax.vmap` each mapped slice
-    is sorted on its own.
-
-    Args: the four log-prob arrays, each [B]. Returns (losses [B], metrics dict of [B]).
-    """
-    a, _, _, metrics = logratio_inputs(
-        "aot_loss", beta=beta,
-        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-    )
-    h = jnp.sort(a["policy_chosen_logps"] - a["policy_rejected_logps"])
-    h_ref = jnp.sort(a["ref_chosen_logps"] - a["ref_rejected_logps"])
-    return _smoothed_sigmoid_loss(beta * (h - h_ref), label_smoothing), metrics
-
-
-def aot_unpaired_loss(
-    *,
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    beta=0.1,
-    label_smoothing=0.0,
-):
-    """AOT, unpaired (Melnyk et al. 2024, arXiv:2406.05882). TRL's `loss_type="aot_unpaired"`.
-
-      d = beta * (sort_B(r_c) - sort_B(r_r)),  loss_i = -(1 - eps) log sigmoid(d_i) - eps log sigmoid(-d_i)
-
-    Chosen and rejected log-ratios are sorted separately over the batch axis: loss_i belongs to
-    the i-th quantile, not to pair i (see `aot_loss`).
-
-    Args: the four log-prob arrays, each [B]. Returns (losses [B], metrics dict of [B]).
-    """
-    _, rc, rr, metrics = logratio_inputs(
-        "aot_unpaired_loss", beta=beta,
-        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-    )
-    return _smoothed_sigmoid_loss(beta * (jnp.sort(rc) - jnp.sort(rr)), label_smoothing), metrics
 
 
 def slic_loss(

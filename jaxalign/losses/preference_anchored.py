@@ -12,7 +12,6 @@ Notation: r_c = pi_c - ref_c, r_r = pi_r - ref_r; rewards R_c = beta * r_c, R_r 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jaxalign.losses.preference_base import (
     as_float,

@@ -109,6 +109,11 @@ def f_divergence_scores(
     )
 
 
+def smoothed_sigmoid_loss(z: jax.Array, label_smoothing) -> jax.Array:
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z) elementwise, eps = `label_smoothing`."""
+    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+
+
 def reward_metrics(
     *,
     policy_chosen_logps: jax.Array,

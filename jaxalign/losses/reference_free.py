@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from jaxalign.losses._checks import check_batch
 
+__all__ = ["simpo_loss", "cpo_loss", "orpo_loss", "log1mexp"]
+
 Array = jax.Array
 
 # ORPO's log-odds log(p / (1 - p)) is infinite at p = 1. Average log-probs above this value (exact
@@ -30,9 +32,9 @@ def _f32(x) -> Array:
 
 def _smoothed_sigmoid_loss(logits: Array, label_smoothing: float) -> Array:
     """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z): the conservative (cDPO-style) form."""
-    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(
-        -logits
-    )
+    positive = jax.nn.log_sigmoid(logits)
+    negative = jax.nn.log_sigmoid(-logits)
+    return -(1.0 - label_smoothing) * positive - label_smoothing * negative
 
 
 def _pair_metrics(chosen: Array, rejected: Array, scale: float) -> dict[str, Array]:

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 
 from jaxalign.losses._checks import check_batch
 
+__all__ = ["bradley_terry_loss"]
+
 Array = jax.Array
 
 
@@ -37,7 +39,9 @@ def bradley_terry_loss(
       losses [B] fp32 and metrics [B] under TRL's RewardTrainer names: `accuracy` (r_w > r_l),
       `margin` (r_w - r_l, without m), plus `rewards/chosen` and `rewards/rejected`.
     """
-    size = check_batch("bradley_terry_loss", rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+    size = check_batch(
+        "bradley_terry_loss", rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected
+    )
     chosen = _f32(rewards_chosen)
     rejected = _f32(rewards_rejected)
     diff = chosen - rejected
@@ -46,7 +50,8 @@ def bradley_terry_loss(
         margin_shape = jnp.shape(margin)
         if margin_shape not in ((), (size,)):
             raise ValueError(
-                f"bradley_terry_loss: `margin` must be a scalar or have shape ({size},), got shape {margin_shape}"
+                f"bradley_terry_loss: `margin` must be a scalar or have shape ({size},), "
+                f"got shape {margin_shape}"
             )
         logits = diff - _f32(margin)
     losses = -jax.nn.log_sigmoid(logits)

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 
 from jaxalign.losses._checks import check_same_shape
 
+__all__ = ["masked_nll", "mix_sft"]
+
 Array = jax.Array
 
 
@@ -64,10 +66,14 @@ def mix_sft(*, preference_losses: Array, sft_losses: Array, lambda_sft: float) -
     """
     pref_shape = jnp.shape(preference_losses)
     if len(pref_shape) != 1 or pref_shape[0] == 0:
-        raise ValueError(f"mix_sft: `preference_losses` must have shape [B] with B > 0, got shape {pref_shape}")
+        raise ValueError(
+            f"mix_sft: `preference_losses` must have shape [B] with B > 0, got shape {pref_shape}"
+        )
     sft_shape = jnp.shape(sft_losses)
     if len(sft_shape) > 1 or sft_shape == (0,):
-        raise ValueError(f"mix_sft: `sft_losses` must be a scalar or have shape [B'] with B' > 0, got shape {sft_shape}")
+        raise ValueError(
+            f"mix_sft: `sft_losses` must be a scalar or have shape [B'] with B' > 0, got shape {sft_shape}"
+        )
     preference = jnp.mean(jnp.asarray(preference_losses, jnp.float32))
     sft = jnp.mean(jnp.asarray(sft_losses, jnp.float32))
     return preference + lambda_sft * sft

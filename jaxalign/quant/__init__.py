@@ -1,0 +1,36 @@
+"""NF4 quantization (QLoRA), byte-compatible with bitsandbytes."""
+
+from jaxalign.quant.bnb_io import bnb_state_to_nf4, nf4_to_bnb_state
+from jaxalign.quant.nf4 import (
+    NF4_CODE,
+    NF4Tensor,
+    as_dense,
+    dequantize_absmax,
+    dequantize_nf4,
+    dynamic_map,
+    quantize_nf4,
+)
+from jaxalign.quant.params import (
+    DEFAULT_TARGETS,
+    bits_per_parameter,
+    dequantize_params,
+    quantize_params,
+    quantized_bits,
+)
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "NF4_CODE",
+    "NF4Tensor",
+    "as_dense",
+    "bits_per_parameter",
+    "bnb_state_to_nf4",
+    "dequantize_absmax",
+    "dequantize_nf4",
+    "dequantize_params",
+    "dynamic_map",
+    "nf4_to_bnb_state",
+    "quantize_nf4",
+    "quantize_params",
+    "quantized_bits",
+]

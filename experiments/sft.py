@@ -1,0 +1,39 @@
+"""Supervised fine-tuning (masked NLL on completions).
+
+  python -m jaxalign.train --config experiments/sft.py:tiny
+  python -m jaxalign.train --config experiments/sft.py:demo --config.train.steps=300
+  python -m jaxalign.train --config experiments/sft.py:lora
+
+Variants: tiny (synthetic arithmetic, random tiny Llama), demo (the README demo's SFT stage: some
+demonstrations are wrong), lora, qlora.
+"""
+
+from jaxalign.train.config import base_config
+from jaxalign.train.loss_config import loss_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    variant = arg or "tiny"
+    c.output_dir = f"runs/sft_{variant}"
+    c.loss = loss_config("sft")
+    c.data.source = "synthetic:sft"
+    c.data.synthetic.wrong_fraction = 0.0
+    c.reference.mode = "none"
+    c.optim.learning_rate = 3e-3
+    c.train.steps = 200
+    c.train.batch_size = 32
+    if variant == "demo":
+        c.data.num_examples = 4096
+        c.data.synthetic.wrong_fraction = 0.4
+        c.train.steps = 350
+        c.train.eval_every = 0
+        c.eval.task_accuracy = True
+    elif variant in ("lora", "qlora"):
+        c.lora.enabled = True
+        c.lora.rank = 16
+        c.lora.alpha = 32.0
+        c.quant.nf4 = variant == "qlora"
+    elif variant != "tiny":
+        raise ValueError(f"unknown sft variant {variant!r}: tiny, demo, lora, qlora")
+    return c

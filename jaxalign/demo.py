@@ -1,0 +1,63 @@
+"""The embedded default: SFT then DPO on a synthetic verifiable task, on CPU, with no downloads.
+
+  python -m jaxalign.demo [--out runs/demo] [--quick]
+
+1. A tiny Llama (random init) learns 2-digit addition by SFT from demonstrations of which 40% are
+   deliberately wrong (one digit off).
+2. DPO aligns it on (correct, incorrect) answer pairs, with the SFT model as reference.
+3. Held-out accuracy (greedy decoding, exact match on prompts never seen in training) is printed
+   before and after alignment and plotted to <out>/accuracy.png; curves go to <out>/*/metrics.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from jaxalign.train.config import load_config
+from jaxalign.train.run import run
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/demo", help="output directory")
+    ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    quick = {"train.steps": 20, "data.num_examples": 512, "eval.num_prompts": 32,
+             "train.checkpoint_every": 10} if args.quick else {}
+    sft_cfg = load_config("experiments/sft.py:demo", {
+        "output_dir": os.path.join(args.out, "sft"), "train.resume": False, **quick})
+    print("== stage 1: SFT on noisy demonstrations ==")
+    sft = run(sft_cfg)
+    dpo_cfg = load_config("experiments/dpo.py:demo", {
+        "output_dir": os.path.join(args.out, "dpo"), "init_from": sft["export"]["hf_dir"],
+        "train.resume": False, **quick})
+    print("== stage 2: DPO on (correct, incorrect) pairs ==")
+    dpo = run(dpo_cfg)
+    acc = {
+        "random init": sft["task"]["before"]["accuracy"],
+        "after SFT": dpo["task"]["before"]["accuracy"],
+        "after SFT+DPO": dpo["task"]["after"]["accuracy"],
+    }
+    n = dpo["task"]["after"]["n"]
+    print(f"\nHeld-out exact-match accuracy on {n} unseen problems:")
+    print(f"  {'stage':<16}{'accuracy':>10}")
+    for k, v in acc.items():
+        print(f"  {k:<16}{v:>10.3f}")
+    gain = acc["after SFT+DPO"] - acc["after SFT"]
+    print(f"DPO changed held-out accuracy by {gain:+.3f} ({time.time() - t0:.0f} s in all)")
+    from jaxalign.train.plots import plot_bars
+
+    plot = os.path.join(args.out, "accuracy.png")
+    plot_bars(acc, plot, title=f"Held-out accuracy (n={n})")
+    print(f"plot: {plot}")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"accuracy": acc, "n": n, "seconds": time.time() - t0}, f, indent=2)
+    return acc
+
+
+if __name__ == "__main__":
+    main()

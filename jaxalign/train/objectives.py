@@ -1,0 +1,208 @@
+"""Per-batch objectives: model forward passes composed with the pure losses.
+
+Each objective is `objective(trainable, frozen, batch, rng) -> (loss scalar, metrics dict)` built
+once by `make_objective(...)` from plain Python values (no config objects inside).
+
+Variables: the policy runs with `{'params': trainable['params'] or frozen['params'],
+'lora': trainable['lora']}`; the reference model is `frozen['ref_params']` (full fine-tuning),
+the same base *without* the adapter (LoRA: no second copy of the weights), or log-probs
+precomputed once and carried in the batch (`ref_chosen_logps`, `ref_rejected_logps`, ...).
+
+Batches (from jaxalign.data collators): token arrays aligned with the input, loss_mask[b, t] = 1
+iff token t is a completion token to predict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.losses.logps import reduce_sequence, token_logps, token_logps_from_hidden
+
+REFERENCE_MODES = ("none", "model", "base", "precomputed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    """Static description of what a step optimises (built once from the config)."""
+
+    kind: str  # 'sft' | 'preference' | 'kto' | 'reward'
+    loss_fn: Callable | None = None
+    loss_kwargs: tuple = ()  # ((name, value), ...) hyperparameters
+    reference: str = "none"
+    average_logps: bool = False  # pass length-normalised log-probs to the loss (IPO as in TRL)
+    vocab_chunk: int | None = None  # chunked log-prob path from hidden states
+    lambda_sft: float = 0.0  # auxiliary SFT mixing on a second batch (`sft_*` keys)
+
+    def __post_init__(self):
+        if self.kind not in ("sft", "preference", "kto", "reward"):
+            raise ValueError(f"objective kind must be sft/preference/kto/reward, got {self.kind!r}")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+
+
+def policy_variables(trainable, frozen):
+    v = {"params": trainable["params"] if "params" in trainable else frozen["params"]}
+    if "lora" in trainable:
+        v["lora"] = trainable["lora"]
+    return v
+
+
+def reference_variables(frozen, mode):
+    if mode == "model":
+        return {"params": frozen["ref_params"]}
+    if mode == "base":
+        return {"params": frozen["params"]}
+    raise ValueError(f"no reference model for mode {mode!r}")
+
+
+def lm_head_kernel(params, config):
+    if getattr(config, "tie_word_embeddings", False):
+        table = params["wte"]["embedding"] if "wte" in params else params["embed_tokens"]["embedding"]
+        return table.T
+    return params["lm_head"]["kernel"]
+
+
+def token_logps_of(model, variables, tokens, attention_mask, loss_mask, *, vocab_chunk=None,
+                   rng=None, deterministic=True):
+    """Per-token log-probs [B, T-1] of tokens[:, 1:] under the model, masked by loss_mask[:, 1:]."""
+    rngs = {"dropout": rng} if rng is not None and not deterministic else None
+    labels, mask = tokens[:, 1:], loss_mask[:, 1:]
+    if vocab_chunk:
+        hidden = model.apply(variables, tokens, attention_mask=attention_mask, return_hidden=True,
+                             deterministic=deterministic, rngs=rngs)
+        kernel = lm_head_kernel(variables["params"], model.config)
+        from jaxalign.models.layers import materialize_kernel
+
+        kernel = materialize_kernel(kernel, model.dtype)
+        return token_logps_from_hidden(hidden[:, :-1], kernel, labels, mask, vocab_chunk=vocab_chunk)
+    logits = model.apply(variables, tokens, attention_mask=attention_mask,
+                         deterministic=deterministic, rngs=rngs)
+    return token_logps(logits[:, :-1], labels, mask)
+
+
+def _call_loss(fn, kwargs, available):
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn(**available, **kwargs)
+    args = {k: v for k, v in available.items() if k in params}
+    return fn(**args, **kwargs)
+
+
+def _mean_metrics(metrics):
+    return {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in metrics.items()}
+
+
+def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
+    """Returns objective(trainable, frozen, batch, rng, deterministic) -> (loss, metrics)."""
+    hp = dict(spec.loss_kwargs)
+
+    def logps(variables, tokens, am, lm, rng, deterministic):
+        tok = token_logps_of(model, variables, tokens, am, lm, vocab_chunk=spec.vocab_chunk, rng=rng,
+                             deterministic=deterministic)
+        return tok, lm[:, 1:]
+
+    def sft_nll(variables, batch, prefix, rng, deterministic):
+        tok, m = logps(variables, batch[prefix + "tokens"], batch[prefix + "attention_mask"],
+                       batch[prefix + "loss_mask"], rng, deterministic)
+        n = jnp.maximum(m.sum(), 1)
+        return -jnp.sum(tok) / n, m.sum()
+
+    def preference(trainable, frozen, batch, rng, deterministic):
+        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], 0)
+        am = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], 0)
+        lm = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], 0)
+        b = batch["chosen_tokens"].shape[0]
+        tok, m = logps(policy_variables(trainable, frozen), tokens, am, lm, rng, deterministic)
+        lengths = m.sum(-1).astype(jnp.float32)
+        seq = reduce_sequence(tok, m, average=spec.average_logps)
+        avail = {
+            "policy_chosen_logps": seq[:b], "policy_rejected_logps": seq[b:],
+            "chosen_lengths": lengths[:b], "rejected_lengths": lengths[b:],
+            "chosen_nll": -reduce_sequence(tok[:b], m[:b], average=True),
+            "target_logps": reduce_sequence(tok[:b], m[:b]),
+        }
+        if spec.reference == "precomputed":
+            avail["ref_chosen_logps"] = batch["ref_chosen_logps"]
+            avail["ref_rejected_logps"] = batch["ref_rejected_logps"]
+        elif spec.reference != "none":
+            rtok, _ = logps(reference_variables(frozen, spec.reference), tokens, am, lm, None, True)
+            rseq = jax.lax.stop_gradient(reduce_sequence(rtok, m, average=spec.average_logps))
+            avail["ref_chosen_logps"], avail["ref_rejected_logps"] = rseq[:b], rseq[b:]
+        losses, metrics = _call_loss(spec.loss_fn, hp, avail)
+        metrics = _mean_metrics(metrics)
+        return jnp.mean(losses), metrics, lengths.sum()
+
+    def kto(trainable, frozen, batch, rng, deterministic):
+        from jaxalign.losses.kto import kto_kl_estimate
+
+        b = batch["tokens"].shape[0]
+        tokens = jnp.concatenate([batch["tokens"], batch["kl_tokens"]], 0)
+        am = jnp.concatenate([batch["attention_mask"], batch["kl_attention_mask"]], 0)
+        lm = jnp.concatenate([batch["loss_mask"], batch["kl_loss_mask"]], 0)
+        tok, m = logps(policy_variables(trainable, frozen), tokens, am, lm, rng, deterministic)
+        seq = reduce_sequence(tok, m)
+        if spec.reference == "precomputed":
+            rseq = jnp.concatenate([batch["ref_logps"], batch["ref_kl_logps"]], 0)
+        else:
+            rtok, _ = logps(reference_variables(frozen, spec.reference), tokens, am, lm, None, True)
+            rseq = jax.lax.stop_gradient(reduce_sequence(rtok, m))
+        kl = kto_kl_estimate(seq[b:], rseq[b:])
+        avail = {"policy_logps": seq[:b], "ref_logps": rseq[:b], "labels": batch["label"].astype(bool),
+                 "kl": kl}
+        losses, metrics = _call_loss(spec.loss_fn, hp, avail)
+        metrics = {k: jnp.sum(jnp.asarray(v, jnp.float32)) / b for k, v in metrics.items()}
+        metrics["kl"] = kl
+        return jnp.mean(losses), metrics, m.sum()
+
+    def reward(trainable, frozen, batch, rng, deterministic):
+        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], 0)
+        am = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], 0)
+        b = batch["chosen_tokens"].shape[0]
+        r = score_fn(trainable, frozen, tokens, am)
+        avail = {"rewards_chosen": r[:b], "rewards_rejected": r[b:]}
+        if "margin" in batch:
+            avail["margin"] = batch["margin"]
+        losses, metrics = _call_loss(spec.loss_fn, hp, avail)
+        return jnp.mean(losses), _mean_metrics(metrics), am.sum()
+
+    def sft(trainable, frozen, batch, rng, deterministic):
+        nll, ntok = sft_nll(policy_variables(trainable, frozen), batch, "", rng, deterministic)
+        return nll, {"nll_loss": nll}, ntok
+
+    body = {"preference": preference, "kto": kto, "reward": reward, "sft": sft}[spec.kind]
+
+    def objective(trainable, frozen, batch, rng, deterministic=False):
+        r1, r2 = jax.random.split(rng)
+        loss, metrics, ntok = body(trainable, frozen, batch, r1, deterministic)
+        if spec.lambda_sft and "sft_tokens" in batch:
+            nll, ntok2 = sft_nll(policy_variables(trainable, frozen), batch, "sft_", r2, deterministic)
+            metrics = {**metrics, "aux_sft/nll": nll, "loss/preference": loss}
+            loss = loss + spec.lambda_sft * nll
+            ntok = ntok + ntok2
+        metrics = {**metrics, "loss": loss, "num_tokens": jnp.asarray(ntok, jnp.float32)}
+        return loss, metrics
+
+    return objective
+
+
+def last_token_hidden(hidden, attention_mask):
+    """Hidden state [B, D] at each row's last real token (right padding)."""
+    idx = jnp.maximum(attention_mask.astype(jnp.int32).sum(-1) - 1, 0)
+    return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+
+
+def make_score_fn(model):
+    """Reward-model scores: a scalar head `score/kernel` [D, 1] on the last real token's hidden
+    state (as transformers' *ForSequenceClassification with right padding)."""
+
+    def score(trainable, frozen, tokens, am):
+        h = model.apply(policy_variables(trainable, frozen), tokens, attention_mask=am, return_hidden=True)
+        h = last_token_hidden(h, am).astype(jnp.float32)
+        return (h @ trainable["score"]["kernel"].astype(jnp.float32))[:, 0]
+
+    return score
