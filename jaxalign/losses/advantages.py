@@ -58,7 +58,7 @@ def gae(*, rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
         r_t, v_t, k_t = xs
         adv = r_t + gamma * next_value - v_t + gamma * lam * next_adv
         adv = jnp.where(k_t, adv, 0.0)
-        carry = (jnp.where(k_t, v_t, 0.0), jnp.where(k_t, adv, next_adv))
+        carry = (jnp.where(k_t, v_t, next_value), jnp.where(k_t, adv, next_adv))
         return carry, adv
 
     zeros = jnp.zeros(rewards.shape[:1], rewards.dtype)
@@ -148,12 +148,12 @@ def group_advantages(*, rewards, group_size: int, scale: str = "group", eps: flo
 
 
 def rloo_advantages(*, rewards, group_size: int, normalize: bool = False, eps: float = 1e-4):
-    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, "Back to basics"; Kool et al. 2019).
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024; Kool et al. 2019).
 
         A_i = r_i - 1/(k-1) * sum_{j in g(i), j != i} r_j,      k = group_size >= 2
 
     With ``normalize=True`` the advantages are then standardised over the batch,
-    ``(A - mean(A)) / (std(A) + eps)`` with the unbiased std, as TRL's RLOO ``normalize_advantages``.
+    ``(A - mean(A)) / (std(A) + eps)`` with the unbiased std (TRL RLOO's ``normalize_advantages``).
 
     Shapes: rewards [B] -> advantages [B]; groups are consecutive rows (TRL's layout).
     """

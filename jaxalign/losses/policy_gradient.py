@@ -144,7 +144,8 @@ def aggregate_token_losses(token_losses, mask, *, mode: str,
     count = jnp.sum(keep, dtype=losses.dtype)
     total = jnp.sum(losses)
     if mode == "grpo":
-        per_seq = jnp.sum(losses, axis=1) / jnp.maximum(jnp.sum(keep, axis=1, dtype=losses.dtype), 1.0)
+        seq_counts = jnp.sum(keep, axis=1, dtype=losses.dtype)
+        per_seq = jnp.sum(losses, axis=1) / jnp.maximum(seq_counts, 1.0)
         return jnp.mean(per_seq)
     if mode == "bnpo":
         return total / jnp.maximum(count, 1.0)
@@ -198,7 +199,8 @@ def grpo_loss(*, logps, old_logps=None, ref_logps=None, advantages, mask, beta: 
               max_completion_length: int | None = None, num_items_in_batch=None):
     """GRPO objective (Shao et al. 2024) as TRL's ``GRPOTrainer._compute_loss`` (token-level IS).
 
-        l_t  = ppo_clip_loss(r_t, A) + beta * k3_t,   k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+        l_t  = ppo_clip_loss(r_t, A) + beta * k3_t
+        k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
         loss = aggregate_token_losses(l, mask, mode=loss_type)
 
     ``loss_type`` is one of "grpo", "bnpo", "dr_grpo", "dapo" (see `aggregate_token_losses`);
@@ -214,6 +216,10 @@ def grpo_loss(*, logps, old_logps=None, ref_logps=None, advantages, mask, beta: 
       ``clip_ratio/high_max`` (over per-sequence means of non-empty rows; 0 if none), and ``kl``
       (masked mean k3) when ref_logps is given.
     """
+    if loss_type not in AGGREGATION_MODES:
+        raise ValueError(
+            f"grpo_loss: `loss_type` must be one of {AGGREGATION_MODES}, got {loss_type!r}"
+        )
     if isinstance(beta, numbers.Real) and beta != 0.0 and ref_logps is None:
         raise ValueError(f"grpo_loss: `ref_logps` is required when beta != 0 (beta={beta!r})")
     token_losses, clip = ppo_clip_loss(logps=logps, old_logps=old_logps, advantages=advantages,
@@ -235,7 +241,8 @@ def grpo_loss(*, logps, old_logps=None, ref_logps=None, advantages, mask, beta: 
     low_seq, nonempty = _seq_means(clip["clip_ratio/low"], keep)
     high_seq, _ = _seq_means(clip["clip_ratio/high"], keep)
     any_row = jnp.any(nonempty)
-    metrics["clip_ratio/low_min"] = jnp.where(any_row, jnp.min(jnp.where(nonempty, low_seq, 1.0)), 0.0)
+    low_min = jnp.min(jnp.where(nonempty, low_seq, 1.0))
+    metrics["clip_ratio/low_min"] = jnp.where(any_row, low_min, 0.0)
     metrics["clip_ratio/high_max"] = jnp.max(jnp.where(nonempty, high_seq, 0.0))
     return loss, metrics
 
@@ -263,8 +270,8 @@ def rloo_loss(*, logps, old_logps, advantages, mask, epsilon_low: float = 0.2,
         raise ValueError(f"rloo_loss: `advantages` must have shape [B]={shape[:1]}, "
                          f"got shape {tuple(jnp.shape(advantages))}")
     keep = jnp.asarray(mask) != 0
-    log_ratio = jnp.sum(jnp.where(keep, _float(logps), 0.0) - jnp.where(keep, _float(old_logps), 0.0),
-                        axis=1)
+    logps, old_logps = (jnp.where(keep, _float(x), 0.0) for x in (logps, old_logps))
+    log_ratio = jnp.sum(logps - old_logps, axis=1)
     adv = _float(advantages)
     ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
@@ -279,7 +286,7 @@ def rloo_loss(*, logps, old_logps, advantages, mask, epsilon_low: float = 0.2,
 
 def ppo_loss(*, logps, old_logps, advantages, values, old_values, returns, mask,
              epsilon: float = 0.2, clip_range_value: float | None = 0.2, vf_coef: float = 0.1):
-    """PPO actor-critic objective as TRL's ``PPOTrainer`` (Ziegler et al. 2019; Schulman et al. 2017).
+    """PPO actor-critic objective as TRL's ``PPOTrainer`` (Ziegler et al. 2019; Schulman 2017).
 
         loss = masked_mean(ppo_clip_loss) + vf_coef * masked_mean(value_loss)
 

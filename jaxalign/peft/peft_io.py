@@ -81,7 +81,7 @@ def save_peft_adapter(adapters, spec: LoraSpec, config, directory: str, *,
         if r != spec.rank:
             rank_pattern[name] = r
         if spec.alpha_for(path) != float(spec.alpha):
-            alpha_pattern[name] = spec.alpha_for(path)
+            alpha_pattern[name] = float(spec.alpha_for(path))
         chosen.add(name)
         out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(a.dtype)
         entries.append((f"{_PREFIX}{name}.lora_A.weight", (r, fan_in), out_dtype, a))
@@ -96,7 +96,7 @@ def save_peft_adapter(adapters, spec: LoraSpec, config, directory: str, *,
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path or None,
         "r": int(spec.rank),
-        "lora_alpha": spec.alpha,
+        "lora_alpha": float(spec.alpha),
         "target_modules": target_modules,
         "lora_dropout": float(spec.dropout),
         "use_rslora": bool(spec.use_rslora),

@@ -185,6 +185,15 @@ def _quantize_8bit(flat: Array, code: np.ndarray, block_size: int) -> tuple[Arra
     return q.reshape(-1)[:n], absmax
 
 
+def _no_contract(x: Array) -> Array:
+    """x, hidden from LLVM's multiply-add contraction by a (NaN-preserving) select.
+
+    Inside a fused XLA kernel `x * y + z` may become one FMA (one rounding); bitsandbytes rounds
+    the product, then the sum.
+    """
+    return jnp.where(jnp.isnan(x), jnp.float32(jnp.nan), x)
+
+
 def _dequantize_blocks(values: Array, scale: Array, n: int, block_size: int) -> Array:
     return (_blocks(values, block_size) * scale[:, None]).reshape(-1)[:n]
 
@@ -256,8 +265,25 @@ def _check_block_size(block_size: Any, name: str = "block_size") -> None:
         raise ValueError(f"{name} must be a power of two in [32, 4096], got {block_size!r}")
 
 
+def _gather_explicit(x: Any) -> Any:
+    """Replicate an array sharded over Explicit mesh axes (None passes through).
+
+    Explicit sharding type-checks every reshape, and block-wise quantization regroups the flattened
+    tensor freely; arrays on Auto meshes are left to XLA's sharding propagation.
+    """
+    typeof = getattr(jax, "typeof", None)
+    if x is None or typeof is None:
+        return x
+    sharding = typeof(x).sharding
+    if any(axis is not None for axis in getattr(sharding, "spec", ())):
+        whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.sharding.reshard(x, whole)
+    return x
+
+
 @functools.partial(jax.jit, static_argnames=("block_size", "double_quant", "transposed"))
 def _quantize(w: Array, block_size: int, double_quant: bool, transposed: bool):
+    w = _gather_explicit(w)
     src = w.T if transposed else w
     codes, absmax = _quantize_4bit(src.reshape(-1).astype(jnp.float32), block_size)
     if not double_quant:
@@ -305,7 +331,7 @@ def dequantize_absmax(q: NF4Tensor) -> Array:
     nb = q.absmax.shape[0]
     scale = _dequantize_blocks(code[q.absmax.astype(jnp.int32)], q.nested_absmax, nb,
                                q.nested_block_size)
-    return scale + q.offset
+    return _no_contract(scale) + q.offset
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: Any = jnp.float32) -> Array:
@@ -313,6 +339,14 @@ def dequantize_nf4(q: NF4Tensor, dtype: Any = jnp.float32) -> Array:
 
     Matches bitsandbytes' `dequantize_4bit` (fp32 product, round-to-nearest-even cast). Jit-able.
     """
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"dequantize_nf4 needs an NF4Tensor, got {type(q).__name__}")
+    return _dequantize(q, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _dequantize(q: NF4Tensor, dtype: Any) -> Array:
+    q = jax.tree_util.tree_map(_gather_explicit, q)
     n = q.size
     nib = jnp.stack([q.codes >> 4, q.codes & 15], axis=-1).reshape(-1)[:n]
     values = jnp.asarray(NF4_CODE)[nib.astype(jnp.int32)]

@@ -43,10 +43,21 @@ def base_config() -> mlc.ConfigDict:
     c.train = mlc.ConfigDict(dict(
         steps=100, batch_size=16, grad_accum=1, vocab_chunk=0, log_every=10, eval_every=50,
         eval_batches=4, checkpoint_every=50, keep_checkpoints=2, async_checkpoint=True, resume=True,
-        tensorboard=True, progress=True, plots=True))
+        tensorboard=True, progress=True, plots=True,
+        stop_after=0))  # stop_after > 0: leave the loop after that many steps (preemption drill)
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.export = mlc.ConfigDict(dict(hf_dir=True, peft=True))
     c.eval = mlc.ConfigDict(dict(task_accuracy=False, num_prompts=200, max_new_tokens=6))
+    # Alignment tax (jaxalign/analysis/tax.py): held-out capability (and aligned-task) sets scored
+    # before and after training; capability_source '' turns it off.
+    c.tax = mlc.ConfigDict(dict(
+        capability_source="", capability_synthetic=mlc.ConfigDict(dict(digits=2, operators="-")),
+        alignment_source="", alignment_synthetic=mlc.ConfigDict(dict(digits=2, operators="+")),
+        num_examples=256, batch_size=64))
+    # NSPO (jaxalign/analysis/nspo.py): project updates onto the null space of capability gradients.
+    c.nspo = mlc.ConfigDict(dict(
+        enabled=False, source="synthetic:sft", synthetic=mlc.ConfigDict(dict(digits=2, operators="-")),
+        num_batches=8, batch_size=32, rank=16, mode="matrix", where="updates", rtol=1e-5))
     return c
 
 

@@ -81,6 +81,35 @@ def _with_ref(collate, keys):
     return f
 
 
+def _nspo_setup(config, model, tokenizer, trainable, frozen):
+    """(basis, trainable, step transforms) for config.nspo: capability gradients at the start on
+    `nspo.num_batches` batches of the (train split of the) capability source."""
+    from jaxalign.analysis import nspo as jnspo
+    from jaxalign.data import make_collate_fn
+
+    n = config.nspo
+    if n.where not in ("grads", "updates"):
+        raise ValueError(f"nspo.where must be 'grads' or 'updates', got {n.where!r}")
+    rows = setup.load_rows(n.source, n=n.num_batches * n.batch_size, seed=config.seed + 3,
+                           split="train", synthetic_kwargs=dict(n.synthetic),
+                           on_error=config.data.on_error)
+    examples = setup.tokenize(rows, tokenizer, config.data, "sft", n.source).examples
+    collate = make_collate_fn("sft", pad_id=tokenizer.pad_token_id,
+                              pad_to_multiple_of=config.data.pad_to_multiple_of or None)
+    batches = [collate(examples[i:i + n.batch_size])
+               for i in range(0, len(examples) - n.batch_size + 1, n.batch_size)]
+    sft = make_objective(model, ObjectiveSpec(kind="sft", vocab_chunk=config.train.vocab_chunk or None))
+    key = jax.random.PRNGKey(0)
+    basis, trainable = jnspo.basis_for_training(
+        lambda t, b: sft(t, frozen, b, key, deterministic=True)[0], trainable, frozen, batches,
+        rank=n.rank, mode=n.mode, rtol=n.rtol)
+    print(f"[nspo] {n.mode} basis of rank {n.rank} from {len(batches)} batches of {n.source}: "
+          f"{len(basis['left']) + len(basis['right'])} matrices" if n.mode == "matrix" else
+          f"[nspo] flat basis of rank {n.rank} from {len(batches)} batches of {n.source}")
+    transform = jnspo.make_transform("nspo")
+    return basis, trainable, {"grad_transform" if n.where == "grads" else "update_transform": transform}
+
+
 def run(config) -> dict[str, Any]:
     """Trains as the config says; returns a summary dict (final metrics, paths, model, variables)."""
     jshard.maybe_initialize_distributed(config.get("distributed", None))
@@ -164,10 +193,13 @@ def run(config) -> dict[str, Any]:
     optimizer = make_optimizer(name=config.optim.name, learning_rate_fn=schedule,
                                weight_decay=config.optim.weight_decay, b1=config.optim.b1,
                                b2=config.optim.b2, clip_norm=config.optim.clip_norm or None)
+    transforms = {}
+    if config.get("nspo") is not None and config.nspo.enabled:  # null-space projection (analysis/nspo.py)
+        frozen["nspo"], trainable, transforms = _nspo_setup(config, model, tokenizer, trainable, frozen)
     state = init_state(trainable, optimizer, state_rng)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     train_step = make_train_step(objective, optimizer, grad_accum=config.train.grad_accum,
-                                 learning_rate_fn=schedule, state_shardings=state_sh)
+                                 learning_rate_fn=schedule, state_shardings=state_sh, **transforms)
     eval_step = make_eval_step(objective)
 
     from jaxalign.train.checkpoint import Checkpointer
@@ -227,6 +259,17 @@ def run(config) -> dict[str, Any]:
             v["lora"] = st["trainable"]["lora"]
         return v
 
+    tax_eval = None
+    if config.get("tax") is not None and config.tax.capability_source:  # capability regression
+        from jaxalign.analysis.tax import make_tax_evaluator
+
+        t = config.tax
+        tax_eval = make_tax_evaluator(
+            model, tokenizer, capability_source=t.capability_source,
+            capability_synthetic=dict(t.capability_synthetic), alignment_source=t.alignment_source,
+            alignment_synthetic=dict(t.alignment_synthetic), num_examples=t.num_examples,
+            seed=config.seed + 101, batch_size=t.batch_size, max_length=config.data.max_length)
+        tax_before = tax_eval(current_variables({"trainable": trainable}))  # the start, even on resume
     task = {}
     if config.eval.task_accuracy:
         task["before"] = task_eval(current_variables(state))
@@ -237,7 +280,7 @@ def run(config) -> dict[str, Any]:
     last_eval: dict = {}
     t_last, tokens_since = time.perf_counter(), 0.0
     steps_since = 0
-    step = start_step
+    done = start_step
     for step in range(start_step, total):
         batch, data_state = next(batches)
         if aux is not None:
@@ -261,9 +304,13 @@ def run(config) -> dict[str, Any]:
             last_eval = evaluate(done)
         meta = {"step": done, "data": data_state.to_dict(),
                 "aux_data": aux.state.to_dict() if aux else {"epoch": 0, "index": 0}}
-        ckpt.save(done, state_tree=state, meta=meta, force=done == total)
-    if not last_eval or (config.train.eval_every and total % config.train.eval_every):
-        last_eval = evaluate(total)
+        stop = bool(config.train.stop_after) and done - start_step >= config.train.stop_after
+        ckpt.save(done, state_tree=state, meta=meta, force=done == total or stop)
+        if stop:
+            print(f"[stop] leaving after step {done} (train.stop_after={config.train.stop_after})")
+            break
+    if not last_eval or (config.train.eval_every and done % config.train.eval_every):
+        last_eval = evaluate(done)
     ckpt.wait()
     ckpt.close()
     logger.close()
@@ -275,6 +322,17 @@ def run(config) -> dict[str, Any]:
               f"examples: {task['after']['examples']}")
         with open(os.path.join(out_dir, "task_accuracy.json"), "w") as f:
             json.dump({k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in task.items()}, f)
+    tax = {}
+    if tax_eval is not None:
+        from jaxalign.analysis.tax import alignment_tax
+
+        tax = {"before": tax_before, "after": tax_eval(variables)}
+        if "alignment/accuracy" in tax["before"]:
+            tax["report"] = alignment_tax(tax["before"], tax["after"])
+        print("[tax] " + ", ".join(f"{k}: {tax['before'][k]:.3f} -> {tax['after'][k]:.3f}"
+                                   for k in tax["before"] if k.endswith(("accuracy", "nll"))))
+        with open(os.path.join(out_dir, "tax.json"), "w") as f:
+            json.dump(tax, f, indent=2)
     export = {}
     if config.export.hf_dir and kind != "reward":
         export["hf_dir"] = os.path.join(out_dir, "hf")
@@ -301,4 +359,4 @@ def run(config) -> dict[str, Any]:
         plot_metrics(out_dir, export["plot"])
     return {"output_dir": out_dir, "history": history, "eval": last_eval, "export": export,
             "model": model, "variables": variables, "tokenizer": tokenizer, "state": state,
-            "reference": reference, "mesh": mesh, "task": task}
+            "reference": reference, "mesh": mesh, "task": task, "tax": tax}

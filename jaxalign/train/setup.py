@@ -124,8 +124,9 @@ def build_data(data_cfg, tokenizer, *, kind: str, seed: int, aux_cfg=None) -> Da
                                     truncation_mode=data_cfg.truncation_mode)
     bundle = DataBundle(train=train, eval=eval_tok, collate=collate)
     if aux_cfg is not None and aux_cfg.source and aux_cfg.lambda_sft:
+        aux_syn = dict(aux_cfg.get("synthetic", None) or syn)  # its own generator keywords if given
         aux_ds = load_rows(aux_cfg.source, n=aux_cfg.num_examples, seed=seed + 2, split="train",
-                           synthetic_kwargs=syn, on_error=data_cfg.on_error)
+                           synthetic_kwargs=aux_syn, on_error=data_cfg.on_error)
         bundle.aux_sft = tokenize(aux_ds, tokenizer, data_cfg, "sft", aux_cfg.source)
         bundle.aux_collate = jdata.make_collate_fn("sft", pad_id=tokenizer.pad_token_id,
                                                    pad_to_multiple_of=data_cfg.pad_to_multiple_of or None)

@@ -61,17 +61,29 @@ def grads_and_metrics(objective: Callable, trainable, frozen, batch, rng, *, gra
 
 def make_train_step(objective: Callable, optimizer: optax.GradientTransformation, *,
                     grad_accum: int = 1, learning_rate_fn: Callable | None = None,
-                    state_shardings=None):
-    """Returns jitted `step(state, frozen, batch) -> (state, metrics)`; `state` is donated."""
+                    state_shardings=None, grad_transform: Callable | None = None,
+                    update_transform: Callable | None = None):
+    """Returns jitted `step(state, frozen, batch) -> (state, metrics)`; `state` is donated.
+
+    `grad_transform(grads, frozen) -> grads` runs on the (accumulated) gradients before the
+    optimizer, `update_transform(updates, frozen) -> updates` on the optimizer's updates before
+    they are applied (e.g. NSPO's null-space projection, `jaxalign.analysis.nspo.make_transform`);
+    `grad_norm` is reported before either transform, `update_norm` after the update transform.
+    """
 
     def step(state, frozen, batch):
         key = jax.random.wrap_key_data(state["rng"])
         key, sub = jax.random.split(key)
         grads, metrics = grads_and_metrics(objective, state["trainable"], frozen, batch, sub,
                                            grad_accum=grad_accum)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-        trainable = optax.apply_updates(state["trainable"], updates)
         metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        if grad_transform is not None:
+            grads = grad_transform(grads, frozen)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        if update_transform is not None:
+            updates = update_transform(updates, frozen)
+            metrics["update_norm"] = optax.global_norm(updates)
+        trainable = optax.apply_updates(state["trainable"], updates)
         if learning_rate_fn is not None:
             metrics["learning_rate"] = learning_rate_fn(state["step"])
         new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state,

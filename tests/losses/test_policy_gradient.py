@@ -412,7 +412,7 @@ def test_grpo_loss_validation():
         grpo_loss(logps=logps[0], advantages=adv, mask=mask[0])
     with pytest.raises(ValueError, match="`ref_logps` has shape"):
         grpo_loss(logps=logps, ref_logps=ref[:2], advantages=adv, mask=mask, beta=0.1)
-    with pytest.raises(ValueError, match="`mode` must be one of"):
+    with pytest.raises(ValueError, match="`loss_type` must be one of"):
         grpo_loss(logps=logps, advantages=adv, mask=mask, loss_type="sapo")
     with pytest.raises(ValueError, match="`epsilon_high` must be >= 0"):
         grpo_loss(logps=logps, advantages=adv, mask=mask, epsilon_high=-0.1)

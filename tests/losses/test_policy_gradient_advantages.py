@@ -144,6 +144,15 @@ def test_gae_hand_computed_2x3():
     assert adv.dtype == jnp.float32
 
 
+def test_gae_skips_a_masked_hole():
+    # valid tokens 0 and 2; token 1 (e.g. tool output) is skipped: V[next of 0] = V[2] = 1.0
+    # gamma = 0.5, lam = 1: A2 = 2 - 1 = 1;  d0 = 1 + 0.5 * 1.0 - 0.5 = 1;  A0 = 1 + 0.5 * 1 = 1.5
+    adv, ret = gae(rewards=np.array([[1.0, 5.0, 2.0]]), values=np.array([[0.5, 9.0, 1.0]]),
+                   mask=np.array([[1, 0, 1]]), gamma=0.5, lam=1.0)
+    np.testing.assert_allclose(adv, [[1.5, 0.0, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(ret, [[2.0, 0.0, 2.0]], rtol=1e-6)
+
+
 def test_gae_lambda_one_gamma_one_is_reward_to_go_minus_value():
     rewards = np.array([[1.0, 2.0, 3.0, 4.0]])
     values = np.array([[0.1, 0.2, 0.3, 0.4]])

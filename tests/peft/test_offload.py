@@ -40,10 +40,12 @@ def setup():
     return adapters, opt, update, tokens
 
 
-def test_this_backend_has_pinned_host():
+def test_memory_kinds_of_this_backend():
     kinds = supported_memory_kinds()
+    assert kinds == {m.kind for m in jax.devices()[0].addressable_memories()}
     assert "device" in kinds
-    # CPU (this machine) and recent GPU/TPU backends expose pinned host memory.
+    if jax.default_backend() == "cpu":  # jax >= 0.4.36 CPU exposes pinned and unpinned host memory
+        assert {"pinned_host", "unpinned_host"} <= kinds
     assert host_offload_available() == ("pinned_host" in kinds)
 
 
@@ -67,6 +69,8 @@ def test_offloaded_step_equals_normal_step(setup):
     host = offload_shardings(jax.eval_shape(opt.init, adapters))
     step = offloaded_step(update, host)
     normal = jax.jit(update)
+    hlo = step.lower(adapters, jax.device_put(opt.init(adapters), host), tokens).as_text()
+    assert hlo.count('mhlo.memory_kind = "pinned_host"') >= 2 * len(jax.tree.leaves(host))  # in and out
     a1, s1 = adapters, jax.device_put(opt.init(adapters), host)
     a2, s2 = adapters, opt.init(adapters)
     for _ in range(2):

@@ -1,0 +1,379 @@
+"""Shared helpers for the benchmark scripts: machine description, side-by-side timing, tables,
+RESULTS.md sections, a tiny word-level tokenizer and Llama checkpoint, analytic FLOP counts.
+
+Each script owns one section of RESULTS.md, delimited by
+`<!-- BEGIN bench:<name> -->` / `<!-- END bench:<name> -->`; `write_section` replaces that section
+in place (or appends it) and leaves every other section untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RESULTS = HERE / "RESULTS.md"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "peft", "bitsandbytes")
+
+
+# ----------------------------------------------------------------------------- command line
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, few steps (CI smoke test)")
+    p.add_argument("--results", default=str(RESULTS),
+                   help="markdown file whose bench section is replaced ('' to skip writing)")
+    p.add_argument("--json", default="", help="also write the raw numbers here")
+    return p
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO)
+    except ValueError:
+        pass
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "python " + " ".join(shlex.quote(a) for a in [str(script), *args])
+
+
+# ----------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def machine() -> dict:
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "uptime": load_average(),
+        "versions": versions(),
+    }
+
+
+def machine_lines(m: dict) -> list[str]:
+    v = ", ".join(f"{k} {val}" for k, val in m["versions"].items())
+    return [f"- machine: `nproc`={m['nproc']}, CPU: {m['cpu']}",
+            f"- date: {m['date']}; load at start: `{m['uptime']}`",
+            f"- versions: {v}"]
+
+
+# ----------------------------------------------------------------------------- timing
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def alternate(fns: dict[str, Callable[[], object]], *, steps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Times each callable `steps` times after `warmup` untimed calls, interleaving them round by
+    round (the order rotates each round) so that load changes hit every contestant alike.
+
+    Each callable must block until its work is done. Returns name -> list of seconds."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(steps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_peak_jax(n: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 FLOP/s of one jitted [n, n] @ [n, n] matmul (median over `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / median(ts)
+
+
+def matmul_peak_torch(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / median(ts)
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs from XLA's `cost_analysis()` of a compiled computation, or None."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - backends may not implement it
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    return float(ca["flops"])
+
+
+# ----------------------------------------------------------------------------- tables / results
+def fmt(x, digits: int = 3) -> str:
+    if isinstance(x, str):
+        return x
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, int):
+        return f"{x:,}"
+    ax = abs(x)
+    if ax >= 1e4:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    cells = [[fmt(c) for c in r] for r in rows]
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(out)
+
+
+def write_section(name: str, body: str, path: str | os.PathLike | None = RESULTS) -> None:
+    """Replaces (or appends) the `bench:<name>` section of the markdown file at `path`."""
+    if not path:
+        return
+    path = Path(path)
+    begin, end = f"<!-- BEGIN bench:{name} -->", f"<!-- END bench:{name} -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def section(title: str, command: str, m: dict, parts: Sequence[str]) -> str:
+    lines = [f"## {title}", "", f"Command: `{command}`", "", *machine_lines(m), ""]
+    return "\n".join(lines + [p.rstrip() + "\n" for p in parts])
+
+
+def dump_json(path: str, obj) -> None:
+    if path:
+        Path(path).write_text(json.dumps(obj, indent=2, default=float))
+
+
+def finish(args, name: str, title: str, argv, m: dict, parts: Sequence[str], numbers: dict) -> dict:
+    text = section(title, command_line(argv), m, parts)
+    print(text)
+    write_section(name, text, args.results)
+    dump_json(args.json, numbers)
+    return numbers
+
+
+# ----------------------------------------------------------------------------- subprocess workers
+def run_worker(module_file: str, worker_args: Sequence[str], *, devices: int | None = None,
+               extra_xla_flags: str = "", timeout: float = 1800) -> dict:
+    """Runs `python module_file --worker ...` in a fresh process (optionally with N host devices)
+    and returns the JSON object it prints on its last stdout line starting with 'RESULT '."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    if devices:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    if extra_xla_flags:
+        flags += " " + extra_xla_flags
+    env["XLA_FLAGS"] = flags.strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, module_file, "--worker", *worker_args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {module_file} {list(worker_args)} (XLA_FLAGS={env['XLA_FLAGS']!r}) "
+                           f"failed with rc={proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def emit(obj: dict) -> None:
+    print("RESULT " + json.dumps(obj, default=float), flush=True)
+
+
+# ----------------------------------------------------------------------------- tiny models / data
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    vocab: int = 4096
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 688
+    prompt: int = 64
+    completion: int = 64
+    pairs: int = 8
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt + self.completion
+
+    @property
+    def tokens_per_step(self) -> int:
+        return 2 * self.pairs * self.seq_len
+
+
+FULL = Shapes()
+SMOKE = Shapes(vocab=128, hidden=64, layers=2, heads=2, intermediate=96, prompt=8, completion=8, pairs=2)
+
+SPECIALS = ("<pad>", "<eos>", "<unk>")
+
+
+def word_tokenizer(vocab: int):
+    """A whitespace word-level tokenizer with ids <pad>=0, <eos>=1, <unk>=2, then 'w3'..'w{vocab-1}'
+    (one token per word, no special tokens added), wrapped as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(SPECIALS) + [f"w{i}" for i in range(len(SPECIALS), vocab)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(list(SPECIALS))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="right")
+
+
+def save_tiny_llama(path: str, s: Shapes, *, seed: int = 0) -> str:
+    """A random transformers LlamaForCausalLM of shapes `s`, fp32, written with save_pretrained."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
+        max_position_embeddings=max(256, s.seq_len), tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
+def preference_rows(n: int, s: Shapes, *, seed: int = 0) -> list[dict]:
+    """n text rows {prompt, chosen, rejected}: `s.prompt` words, and `s.completion - 1` words per
+    completion (TRL appends <eos>, giving exactly `s.completion` completion tokens)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lo = len(SPECIALS)
+
+    def words(k):
+        return " ".join(f"w{i}" for i in rng.integers(lo, s.vocab, size=k))
+
+    return [{"prompt": words(s.prompt), "chosen": " " + words(s.completion - 1),
+             "rejected": " " + words(s.completion - 1)} for _ in range(n)]
+
+
+def trl_to_jaxalign(batch) -> dict:
+    """TRL's DataCollatorForPreference output ([chosen; rejected] stacked on the batch axis,
+    `completion_mask` = 1 on completion tokens) -> jaxalign's preference batch of numpy arrays."""
+    import numpy as np
+
+    ids = np.asarray(batch["input_ids"], np.int32)
+    am = np.asarray(batch["attention_mask"], np.int32)
+    cm = np.asarray(batch["completion_mask"], np.int32)
+    b = ids.shape[0] // 2
+    out = {"chosen_tokens": ids[:b], "chosen_attention_mask": am[:b], "chosen_loss_mask": cm[:b],
+           "rejected_tokens": ids[b:], "rejected_attention_mask": am[b:], "rejected_loss_mask": cm[b:]}
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        if k in batch:
+            out[k] = np.asarray(batch[k], np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def linear_params(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                  head_dim: int, vocab: int, *, lm_head: bool = True) -> int:
+    """Parameters that take part in matmuls (all Linear kernels + LM head; not the embedding)."""
+    attn = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+    mlp = 3 * hidden * intermediate
+    return layers * (attn + mlp) + (hidden * vocab if lm_head else 0)
+
+
+def lora_params(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                head_dim: int, rank: int) -> int:
+    """LoRA parameters, rank r on all 7 linear modules of each layer: r * (in + out) each."""
+    q = o = hidden + heads * head_dim
+    kv = hidden + kv_heads * head_dim
+    mlp = 3 * (hidden + intermediate)
+    return layers * rank * (q + o + 2 * kv + mlp)
+
+
+def attention_flops_fwd(layers: int, heads: int, head_dim: int, n_seq: int, seq_len: int) -> float:
+    """QK^T and PV over the full (unmasked) T x T score matrix: 4 * B * H * T^2 * d per layer."""
+    return 4.0 * layers * n_seq * heads * seq_len ** 2 * head_dim
+
+
+def dpo_step_flops(s: Shapes, *, reference_forward: bool, lora_rank: int | None = None) -> float:
+    """Model FLOPs of one DPO step on 2 * pairs sequences of s.seq_len tokens.
+
+    Full fine-tune: policy forward + backward = 3 x forward (6 N tokens + 3 x attention),
+    reference forward = 1 x forward (2 N tokens + attention).
+    LoRA: the frozen base needs its forward and the activation gradient (2 x forward), not weight
+    gradients; the adapters cost 3 x their forward (2 N_lora tokens).
+    N counts every matmul parameter including the LM head (applied at every position)."""
+    hd = s.hidden // s.heads
+    n = linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, hd, s.vocab)
+    tokens = s.tokens_per_step
+    fwd = 2.0 * n * tokens + attention_flops_fwd(s.layers, s.heads, hd, 2 * s.pairs, s.seq_len)
+    if lora_rank is None:
+        policy = 3.0 * fwd
+    else:
+        nl = lora_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, hd, lora_rank)
+        policy = 2.0 * fwd + 3.0 * 2.0 * nl * tokens
+    return policy + (fwd if reference_forward else 0.0)

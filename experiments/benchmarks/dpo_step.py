@@ -1,0 +1,306 @@
+"""DPO training step, full fine-tune: jaxalign's jitted step vs TRL's DPOTrainer, side by side.
+
+  python experiments/benchmarks/dpo_step.py              # full benchmark, writes RESULTS.md
+  python experiments/benchmarks/dpo_step.py --smoke --results ''   # tiny shapes (CI)
+  python experiments/benchmarks/dpo_step.py --xla-sweep  # also try XLA CPU flags (subprocesses)
+
+Setup: one random Llama (vocab 4096, hidden 256, 4 layers, 4 heads, intermediate 688, fp32) saved
+with transformers' `save_pretrained` and loaded by both libraries; 8 pairs of prompt 64 +
+completion 64 tokens (one batch = 16 sequences x 128 tokens), sigmoid DPO with beta 0.1, AdamW with
+global-norm clipping 1.0 on both sides.
+
+* jaxalign: `ObjectiveSpec(kind='preference', loss_fn=dpo_loss, reference='model')`,
+  `make_objective`, `make_train_step` (one jitted, donated XLA program: policy forward + backward,
+  reference forward, clip, AdamW).
+* TRL: `DPOTrainer(precompute_ref_log_probs=False, bf16=False, gradient_checkpointing=False)`.
+  One step = what `Trainer._inner_training_loop` does per optimizer step without logging or data
+  loading: `trainer.training_step` (the trainer's DPO loss + backward) then `_clip_grad_norm`,
+  `optimizer.step()`, `lr_scheduler.step()`, `model.zero_grad()`. Batches are collated by
+  TRL's own collator once, before timing, and the same token ids feed jaxalign.
+
+The same is repeated with reference log-probs precomputed (TRL `precompute_ref_log_probs=True`,
+jaxalign `reference='precomputed'`), and jaxalign's vocabulary-chunked log-prob path is timed too.
+All contestants run in one process, interleaved step by step; medians after warm-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from experiments.benchmarks import common as C  # noqa: E402
+
+BETA = 0.1
+LR = 1e-6
+
+
+# ----------------------------------------------------------------------------- TRL contestant
+def make_trl_trainer(model_dir, tokenizer, rows, s: C.Shapes, out_dir, *, precompute=False,
+                     peft_config=None, quantization_config=None):
+    """A DPOTrainer configured for timing (fp32, no checkpointing/logging/eval), optimizer built."""
+    import datasets
+    import torch
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=s.pairs, bf16=False, fp16=False,
+        gradient_checkpointing=False, precompute_ref_log_probs=precompute, report_to=[],
+        logging_steps=10 ** 6, save_strategy="no", eval_strategy="no", use_cpu=True,
+        dataloader_num_workers=0, beta=BETA, learning_rate=LR, weight_decay=0.0, max_grad_norm=1.0,
+        lr_scheduler_type="linear", seed=0, max_length=None,
+        model_init_kwargs={"dtype": torch.float32} if quantization_config is not None else None)
+    if quantization_config is not None:  # TRL only quantizes models it loads from a path
+        model, ref = model_dir, None
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ref = None
+        if not precompute and peft_config is None:
+            ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=peft_config, quantization_config=quantization_config)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10 ** 4)
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def trl_batches(trainer, s: C.Shapes, n_batches: int):
+    ds = trainer.train_dataset
+    return [trainer.data_collator([ds[i] for i in range(j * s.pairs, (j + 1) * s.pairs)])
+            for j in range(n_batches)]
+
+
+def trl_step_fn(trainer, batches):
+    """One optimizer step exactly as Trainer's loop does it (minus logging and data loading)."""
+    i = [0]
+
+    def step():
+        inputs = batches[i[0] % len(batches)]
+        i[0] += 1
+        loss = trainer.training_step(trainer.model, inputs)
+        trainer._clip_grad_norm(trainer.model)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.model.zero_grad()
+        return float(loss)
+
+    return step
+
+
+def trl_first_logps(trainer) -> float:
+    vals = trainer._metrics["train"].get("logps/chosen") or [float("nan")]
+    return float(vals[0])
+
+
+# ----------------------------------------------------------------------------- jaxalign contestant
+def make_jaxalign_step(model_dir, batches, *, reference="model", vocab_chunk=None, lora_spec=None,
+                       nf4=False, remat=False):
+    """Returns (step_fn, info). step_fn() runs one jitted, donated train step and blocks on it.
+    info: {'xla_flops', 'first_loss', 'first_logps_chosen', 'trainable_params'}."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxalign.losses import dpo_loss
+    from jaxalign.models import from_pretrained
+    from jaxalign.train.objectives import ObjectiveSpec, make_objective
+    from jaxalign.train.optim import make_optimizer, make_schedule
+    from jaxalign.train.step import init_state, make_train_step
+
+    model, params = from_pretrained(model_dir, dtype=jnp.float32, remat=remat)
+    if lora_spec is not None:
+        from jaxalign.peft import init_lora
+
+        model = model.clone(lora=lora_spec)
+        if nf4:
+            from jaxalign.quant import quantize_params
+
+            params = quantize_params(params)
+        trainable = {"lora": init_lora(params, lora_spec, jax.random.PRNGKey(1))}
+        frozen = {"params": params}
+        if reference == "model":
+            reference = "base"
+    else:
+        trainable = {"params": params}
+        frozen = {"ref_params": jax.tree.map(jnp.copy, params)} if reference == "model" else {}
+    spec = ObjectiveSpec(kind="preference", loss_fn=dpo_loss, loss_kwargs=(("beta", BETA),),
+                         reference=reference, vocab_chunk=vocab_chunk)
+    objective = make_objective(model, spec)
+    schedule = make_schedule(learning_rate=LR, total_steps=10 ** 4, schedule="linear")
+    optimizer = make_optimizer(name="adamw", learning_rate_fn=schedule, weight_decay=0.0, clip_norm=1.0)
+    state = init_state(trainable, optimizer, jax.random.PRNGKey(0))
+    train_step = make_train_step(objective, optimizer)
+    jb = [jax.device_put({k: v for k, v in b.items()
+                          if reference == "precomputed" or not k.startswith("ref_")}) for b in batches]
+    compiled = train_step.lower(state, frozen, jb[0]).compile()
+    holder = {"state": state, "i": 0}
+
+    def step():
+        b = jb[holder["i"] % len(jb)]
+        holder["i"] += 1
+        holder["state"], metrics = train_step(holder["state"], frozen, b)
+        jax.block_until_ready((holder["state"], metrics))
+        return metrics
+
+    m = step()
+    info = {"xla_flops": C.xla_flops(compiled), "first_loss": float(m["loss"]),
+            "first_logps_chosen": float(m["logps/chosen"]),
+            "trainable_params": sum(x.size for x in jax.tree.leaves(trainable))}
+    return (lambda: step()["loss"]), info
+
+
+# ----------------------------------------------------------------------------- worker (XLA sweep)
+def worker(argv):
+    """One jaxalign-only timing in a fresh process (so XLA_FLAGS can differ)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--vocab-chunk", type=int, default=0)
+    a = p.parse_args(argv)
+    s = C.SMOKE if a.smoke else C.FULL
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = C.save_tiny_llama(os.path.join(d, "model"), s)
+        batches = [jax_batch(s, seed=j) for j in range(2)]
+        fn, info = make_jaxalign_step(model_dir, batches, vocab_chunk=a.vocab_chunk or None)
+        t = C.alternate({"jax": fn}, steps=a.steps, warmup=1)["jax"]
+    C.emit({"median_s": C.median(t), "xla_flops": info["xla_flops"], "loss": info["first_loss"]})
+
+
+def jax_batch(s: C.Shapes, *, seed: int):
+    """A preference batch like TRL's collator makes (no padding: fixed lengths), numpy int32."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids = rng.integers(len(C.SPECIALS), s.vocab, size=(s.pairs, s.seq_len)).astype(np.int32)
+        ids[:, -1] = 1  # <eos>
+        lm = np.zeros_like(ids)
+        lm[:, s.prompt:] = 1
+        out.update({f"{side}_tokens": ids, f"{side}_attention_mask": np.ones_like(ids),
+                    f"{side}_loss_mask": lm})
+    return out
+
+
+XLA_SWEEP = ("", "--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=true",
+             "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=0, help="timed steps per contestant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--xla-sweep", action="store_true", help="time jaxalign under other XLA CPU flags")
+    p.add_argument("--worker", action="store_true", help=argparse_suppress())
+    args, rest = p.parse_known_args(argv)
+    if args.worker:
+        return worker(rest)
+    s = C.SMOKE if args.smoke else C.FULL
+    steps = args.steps or (2 if args.smoke else 10)
+    warmup = 1 if args.smoke else args.warmup
+    m = C.machine()
+    n_batches = 2 if args.smoke else 4
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = C.save_tiny_llama(os.path.join(d, "model"), s)
+        tok = C.word_tokenizer(s.vocab)
+        rows = C.preference_rows(n_batches * s.pairs, s)
+        trl_ref = make_trl_trainer(model_dir, tok, rows, s, os.path.join(d, "trl_ref"))
+        trl_pre = make_trl_trainer(model_dir, tok, rows, s, os.path.join(d, "trl_pre"), precompute=True)
+        b_ref = trl_batches(trl_ref, s, n_batches)
+        b_pre = trl_batches(trl_pre, s, n_batches)
+        seq_len = b_ref[0]["input_ids"].shape[1]
+        if seq_len != s.seq_len:
+            raise RuntimeError(f"TRL collated length {seq_len}, expected {s.seq_len}")
+        jx_ref, info_ref = make_jaxalign_step(model_dir, [C.trl_to_jaxalign(b) for b in b_ref])
+        chunk = 1024 if s.vocab > 1024 else s.vocab // 4
+        jx_chunk, info_chunk = make_jaxalign_step(model_dir, [C.trl_to_jaxalign(b) for b in b_ref],
+                                                  vocab_chunk=chunk)
+        jx_pre, info_pre = make_jaxalign_step(model_dir, [C.trl_to_jaxalign(b) for b in b_pre],
+                                              reference="precomputed")
+        fns = {"trl": trl_step_fn(trl_ref, b_ref), "jaxalign": jx_ref,
+               f"jaxalign vocab_chunk={chunk}": jx_chunk,
+               "trl precomputed": trl_step_fn(trl_pre, b_pre), "jaxalign precomputed": jx_pre}
+        first_trl = fns["trl"]()  # TRL's first step records logps/chosen for the sanity check
+        times = C.alternate(fns, steps=steps, warmup=warmup)
+        trl_logps = trl_first_logps(trl_ref)
+        peak_jax = C.matmul_peak_jax(1024 if args.smoke else 2048)
+        peak_torch = C.matmul_peak_torch(1024 if args.smoke else 2048)
+    m["uptime_end"] = C.load_average()
+
+    flops_ref = C.dpo_step_flops(s, reference_forward=True)
+    flops_pre = C.dpo_step_flops(s, reference_forward=False)
+    tokens = s.tokens_per_step
+    med = {k: C.median(v) for k, v in times.items()}
+    rows_out, numbers = [], {"shapes": dataclasses.asdict(s), "peak_jax": peak_jax,
+                             "peak_torch": peak_torch, "median_s": med, "times": times}
+    infos = {"jaxalign": info_ref, f"jaxalign vocab_chunk={chunk}": info_chunk,
+             "jaxalign precomputed": info_pre}
+    for name, t in med.items():
+        fl = flops_pre if "precomputed" in name else flops_ref
+        base = med["trl precomputed" if "precomputed" in name else "trl"]
+        peak = peak_torch if name.startswith("trl") else peak_jax
+        xf = infos.get(name, {}).get("xla_flops")
+        rows_out.append([name, t * 1e3, tokens / t, base / t, fl / 1e9, fl / t / 1e9, 100 * fl / t / peak,
+                         xf / 1e9 if xf else None])
+    numbers["tokens_per_s"] = {k: tokens / v for k, v in med.items()}
+    numbers["speedup_vs_trl"] = med["trl"] / med["jaxalign"]
+    numbers["speedup_precomputed_vs_trl_precomputed"] = med["trl precomputed"] / med["jaxalign precomputed"]
+    numbers["best_jaxalign_vs_trl"] = med["trl"] / min(med["jaxalign"], med[f"jaxalign vocab_chunk={chunk}"])
+    numbers["fraction_of_peak"] = flops_ref / med["jaxalign"] / peak_jax
+    numbers["sanity"] = {"jaxalign_first_loss": info_ref["first_loss"], "trl_first_loss": first_trl,
+                         "jaxalign_logps_chosen": info_ref["first_logps_chosen"], "trl_logps_chosen": trl_logps}
+
+    sweep_rows = []
+    if args.xla_sweep:
+        here = str(Path(__file__).resolve())
+        wargs = ["--smoke"] if args.smoke else []
+        for rnd in range(2):  # two rounds, alternating flag sets
+            for flags in XLA_SWEEP:
+                r = C.run_worker(here, wargs + ["--steps", str(steps)], extra_xla_flags=flags)
+                sweep_rows.append([flags or "(default)", rnd, r["median_s"] * 1e3, tokens / r["median_s"]])
+        numbers["xla_sweep"] = sweep_rows
+
+    headers = ["contestant", "median step ms", "tokens/s", "speedup vs TRL (same ref mode)",
+               "model GFLOP/step", "achieved GFLOP/s", "% of measured fp32 matmul peak",
+               "XLA cost_analysis GFLOP"]
+    parts = [
+        f"Shapes: vocab {s.vocab}, hidden {s.hidden}, {s.layers} layers, {s.heads} heads, intermediate "
+        f"{s.intermediate}, {s.pairs} pairs x (prompt {s.prompt} + completion {s.completion}) = "
+        f"{tokens} tokens/step, fp32. {steps} timed steps per contestant after {warmup} warm-up, "
+        "interleaved in one process; median.",
+        C.table(headers, rows_out),
+        f"Measured fp32 matmul peak ({1024 if args.smoke else 2048}^3 jitted matmul, same process): JAX {peak_jax / 1e9:.1f} GFLOP/s, "
+        f"torch {peak_torch / 1e9:.1f} GFLOP/s. Percent of peak uses JAX's peak for jaxalign rows and "
+        "torch's for TRL rows. Model FLOPs: 6 N tokens (policy forward+backward) + 2 N tokens "
+        "(reference forward, absent when precomputed) + attention (4 B H T^2 d per layer forward, "
+        "x3 with backward), N = all matmul weights incl. the LM head at every position "
+        f"({C.linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, s.hidden // s.heads, s.vocab):,}).",
+        f"Sanity: first-step loss jaxalign {info_ref['first_loss']:.6f} / TRL {first_trl:.6f} (log 2 = "
+        f"0.693147); mean chosen log-prob at step 0 jaxalign {info_ref['first_logps_chosen']:.4f} / TRL "
+        f"{trl_logps:.4f}.",
+        f"Load at end: `{m['uptime_end']}`.",
+    ]
+    if sweep_rows:
+        parts.append("XLA CPU flag sweep (jaxalign step only, one fresh process per row, two rounds):\n\n"
+                     + C.table(["XLA_FLAGS", "round", "median step ms", "tokens/s"], sweep_rows))
+    return C.finish(args, "dpo_step", "DPO step, full fine-tune: jaxalign vs TRL", argv, m, parts, numbers)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

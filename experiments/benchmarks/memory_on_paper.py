@@ -1,0 +1,334 @@
+"""Memory of a DPO step at 7B-70B scale, on paper: abstract shapes and XLA's memory analysis only.
+
+  python experiments/benchmarks/memory_on_paper.py
+  python experiments/benchmarks/memory_on_paper.py --smoke --results ''
+
+Nothing of model size is allocated: params, adapters, optimizer state and batch are
+`jax.ShapeDtypeStruct`s (`jax.eval_shape` of the real initialisers, NF4 included), and the
+jaxalign train step (`make_objective` + `make_train_step`) is lowered and compiled for them;
+`compiled.memory_analysis()` gives XLA's per-device argument / output / temporary bytes.
+
+Two methods, per device 1 preference pair (2 sequences) of 512 tokens, DPO, bf16 compute,
+rematerialised blocks (`remat=True`), vocabulary-chunked log-probs (8000 columns):
+* QLoRA: every Linear kernel of the decoder layers NF4 (block 64, double quantization; embedding,
+  LM head and norms bf16), LoRA rank 16 on all 7 linear modules (fp32 adapters, fp32 AdamW),
+  reference = the base without the adapter.
+* full fine-tune: fp32 master params, fp32 AdamW moments, fp32 grads, a frozen bf16 reference copy.
+
+Compiling 32-80 full layers on CPU is slow, so each configuration is compiled with 1 and 2 layers
+and the per-layer difference is extrapolated linearly to the real depth (stated in the table).
+Sharding: subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=N compile the same
+step on an fsdp mesh of N emulated devices (params/adapters/optimizer sharded by logical axis,
+NF4 buffers split along their flat axis, batch split). An analytic model (parameters, gradients,
+optimizer, activations) extends per-device bytes to fsdp sizes 1..256.
+Note: XLA's CPU backend decides temporaries for CPU (e.g. bf16 dots may be computed through fp32
+copies), so the compiled temp bytes are an estimate of what an accelerator would need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.benchmarks import common as C  # noqa: E402
+
+GB = 1e9
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127 bits per quantized parameter
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int = 32000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+ARCHS = (
+    Arch("7B (Llama-2)", 4096, 11008, 32, 32, 32),
+    Arch("13B (Llama-2)", 5120, 13824, 40, 40, 40),
+    Arch("65B (LLaMA)", 8192, 22016, 80, 64, 64),
+    Arch("70B (Llama-2, GQA)", 8192, 28672, 80, 64, 8),
+)
+SMOKE_ARCHS = (Arch("tiny", 128, 256, 2, 4, 2, vocab=512),)
+SEQ, PAIRS, RANK, VOCAB_CHUNK = 512, 1, 16, 8000
+SMOKE_SEQ, SMOKE_CHUNK = 32, 128
+METHODS = ("qlora", "full")
+
+
+# ----------------------------------------------------------------------------- analytic model
+def counts(a: Arch) -> dict:
+    layer_linear = (2 * a.hidden * a.heads * a.head_dim + 2 * a.hidden * a.kv_heads * a.head_dim
+                    + 3 * a.hidden * a.intermediate)
+    linear = a.layers * layer_linear
+    embed_head = 2 * a.vocab * a.hidden
+    norms = (2 * a.layers + 1) * a.hidden
+    lora = C.lora_params(a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads, a.head_dim, RANK)
+    return {"linear": linear, "layer_linear": layer_linear, "embed_head": embed_head, "norms": norms,
+            "total": linear + embed_head + norms, "lora": lora}
+
+
+def activation_bytes(a: Arch, seq: int, pairs: int, chunk: int) -> dict:
+    """Per-device activation bytes of the policy forward+backward with per-block remat (bf16 compute).
+
+    saved: each block's input [2p, T, D] bf16, kept for the backward pass.
+    layer: the live set while one block is recomputed and differentiated: ~10 [2p, T, D] and
+      4 [2p, T, I] bf16 tensors, plus fp32 attention scores and probabilities [2p, H, T, T] (x2).
+    head: final hidden [2p, T, D] and one vocabulary chunk of fp32 logits [2p, T, chunk] (x3).
+    """
+    n = 2 * pairs
+    saved = a.layers * n * seq * a.hidden * 2
+    layer = n * seq * (10 * a.hidden + 4 * a.intermediate) * 2 + 2 * n * a.heads * seq * seq * 4
+    head = n * seq * a.hidden * 4 + 3 * n * seq * chunk * 4
+    return {"saved": saved, "layer": layer, "head": head, "total": saved + layer + head}
+
+
+def analytic(a: Arch, method: str, fsdp: int, seq: int = SEQ, pairs: int = PAIRS,
+             chunk: int = VOCAB_CHUNK) -> dict:
+    """Per-device bytes for fsdp size `fsdp` (batch of `pairs` per device)."""
+    c = counts(a)
+    act = activation_bytes(a, seq, pairs, chunk)["total"]
+    if method == "qlora":
+        weights = (c["linear"] * NF4_BITS / 8 + (c["embed_head"] + c["norms"]) * 2) / fsdp
+        trainable = c["lora"] * 4 / fsdp
+        grads = c["lora"] * 4 / fsdp
+        opt = c["lora"] * 8 / fsdp
+        ref = 0.0  # the base without the adapter
+        gathered = c["layer_linear"] * 2 * 2 if fsdp > 1 else c["layer_linear"] * 2  # dequantized layer
+    else:
+        weights = c["total"] * 4 / fsdp
+        trainable = 0.0  # the fp32 weights are the trainable params
+        grads = c["total"] * 4 / fsdp
+        opt = c["total"] * 8 / fsdp
+        ref = c["total"] * 2 / fsdp
+        gathered = c["layer_linear"] * 2 * 2 if fsdp > 1 else c["layer_linear"] * 2
+    total = weights + trainable + grads + opt + ref + act + gathered
+    return {"weights": weights, "adapters": trainable, "grads": grads, "optimizer": opt,
+            "reference": ref, "activations": act, "gathered_layer": gathered, "total": total}
+
+
+# ----------------------------------------------------------------------------- compiled (worker)
+def nf4_sharding(q, mesh):
+    """NamedShardings for an NF4Tensor's buffers: flat codes / absmax split over 'fsdp' when
+    divisible, the nested absmax and offset replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    n = mesh.shape["fsdp"]
+
+    def flat(x):
+        return NamedSharding(mesh, P("fsdp") if n > 1 and x.shape[0] % n == 0 else P())
+
+    rep = NamedSharding(mesh, P())
+    return dataclasses.replace(q, codes=flat(q.codes), absmax=flat(q.absmax),
+                               nested_absmax=None if q.nested_absmax is None else rep,
+                               offset=None if q.offset is None else rep)
+
+
+def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: int, chunk: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxalign import sharding as jshard
+    from jaxalign.losses import dpo_loss
+    from jaxalign.models import LlamaConfig, abstract_params, build_model
+    from jaxalign.peft import LoraSpec, init_lora, lora_targets
+    from jaxalign.quant import NF4Tensor, quantize_params
+    from jaxalign.train.objectives import ObjectiveSpec, make_objective
+    from jaxalign.train.optim import make_optimizer, make_schedule
+    from jaxalign.train.step import init_state, make_train_step
+
+    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+                      num_hidden_layers=layers, num_attention_heads=a.heads,
+                      num_key_value_heads=a.kv_heads, head_dim=a.head_dim,
+                      max_position_embeddings=max(4096, seq))
+    qlora = method == "qlora"
+    model = build_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16 if qlora else jnp.float32,
+                        remat=True)
+    boxed = abstract_params(model)
+    import flax.linen as nn
+
+    params = nn.unbox(boxed)
+    key = jax.random.PRNGKey(0)
+    spec = LoraSpec(rank=RANK, alpha=2.0 * RANK, targets=lora_targets("llama", "all_linear"))
+    optimizer = make_optimizer(name="adamw", learning_rate_fn=make_schedule(
+        learning_rate=1e-4, total_steps=1000, schedule="constant"), clip_norm=1.0)
+    mesh = jshard.make_mesh(data=1, fsdp=fsdp) if fsdp > 1 else None
+    is_nf4 = lambda x: isinstance(x, NF4Tensor)
+    if qlora:
+        model = model.clone(lora=spec)
+        adapters = jax.eval_shape(lambda p: init_lora(p, spec, key), params)
+        base = jax.eval_shape(quantize_params, params)
+        trainable, frozen, reference = {"lora": adapters}, {"params": base}, "base"
+    else:
+        ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
+        trainable, frozen, reference = {"params": params}, {"ref_params": ref}, "model"
+    state = jax.eval_shape(lambda t: init_state(t, optimizer, key), trainable)
+    n_seq = 2 * pairs * fsdp  # global batch: `pairs` per device
+    tok = jax.ShapeDtypeStruct((pairs * fsdp, seq), jnp.int32)
+    batch = {f"{s}_{k}": tok for s in ("chosen", "rejected") for k in ("tokens", "attention_mask", "loss_mask")}
+    del n_seq
+
+    if mesh is not None:
+        psh = jshard.param_shardings(boxed, mesh)
+        rep = NamedSharding(mesh, P())
+        if qlora:
+            base_sh = jax.tree.map(lambda q, s: nf4_sharding(q, mesh) if is_nf4(q) else s,
+                                   frozen["params"], psh, is_leaf=is_nf4)
+            frozen_sh = {"params": base_sh}
+            tr_sh = {"lora": jshard.adapter_shardings(adapters, boxed, mesh)}
+        else:
+            frozen_sh = {"ref_params": psh}
+            tr_sh = {"params": psh}
+        opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, state["opt_state"], tr_sh,
+                                       transform_non_params=lambda _: rep)
+        state_sh = {"step": rep, "trainable": tr_sh, "opt_state": opt_sh, "rng": rep}
+        bsh = jshard.batch_sharding(mesh, 2)
+        attach = lambda t, s: jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
+        state = attach(state, state_sh)
+        frozen = attach(frozen, frozen_sh)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in batch.items()}
+    else:
+        state_sh = None
+    objective = make_objective(model, ObjectiveSpec(kind="preference", loss_fn=dpo_loss,
+                                                    loss_kwargs=(("beta", 0.1),), reference=reference,
+                                                    vocab_chunk=chunk))
+    step = make_train_step(objective, optimizer, state_shardings=state_sh)
+    ctx = jax.sharding.use_mesh(mesh) if mesh is not None and hasattr(jax.sharding, "use_mesh") else None
+    import contextlib
+    import time
+
+    t0 = time.perf_counter()
+    with ctx or contextlib.nullcontext():
+        compiled = step.lower(state, frozen, batch).compile()
+    ma = compiled.memory_analysis()
+    out = {k: int(getattr(ma, k + "_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    out["compile_s"] = time.perf_counter() - t0
+    return out
+
+
+def worker(argv):
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--jobs", required=True, help="json list of [arch_index, method, layers]")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--fsdp", type=int, default=1)
+    a = p.parse_args(argv)
+    archs = SMOKE_ARCHS if a.smoke else ARCHS
+    seq, chunk = (SMOKE_SEQ, SMOKE_CHUNK) if a.smoke else (SEQ, VOCAB_CHUNK)
+    res = []
+    for ai, method, layers in json.loads(a.jobs):
+        res.append([ai, method, layers, compile_step(archs[ai], method, layers, a.fsdp, seq, PAIRS, chunk)])
+    C.emit({"fsdp": a.fsdp, "results": res})
+
+
+def extrapolate(m1: dict, m2: dict, layers: int) -> dict:
+    """Linear in depth: m(L) = m(1) + (L - 1) (m(2) - m(1))."""
+    return {k: m1[k] + (layers - 1) * (m2[k] - m1[k]) for k in ("argument", "output", "alias", "temp", "peak")}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    import json
+
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--fsdp-compiled", default="", help="emulated fsdp sizes to compile (default 2,4,8)")
+    p.add_argument("--sharded-archs", default="", help="arch indices compiled sharded (default 0,2)")
+    args, rest = p.parse_known_args(argv)
+    if args.worker:
+        return worker(rest)
+    archs = SMOKE_ARCHS if args.smoke else ARCHS
+    seq, chunk = (SMOKE_SEQ, SMOKE_CHUNK) if args.smoke else (SEQ, VOCAB_CHUNK)
+    fsdp_sizes = [int(x) for x in args.fsdp_compiled.split(",")] if args.fsdp_compiled else ([2] if args.smoke else [2, 4, 8])
+    sharded = [int(x) for x in args.sharded_archs.split(",")] if args.sharded_archs else ([0] if args.smoke else [0, 2])
+    m = C.machine()
+    here = str(Path(__file__).resolve())
+    extra = ["--smoke"] if args.smoke else []
+    compiled = {}  # (arch, method, fsdp) -> extrapolated dict
+    raw = {}
+    for fsdp in [1] + fsdp_sizes:
+        idx = range(len(archs)) if fsdp == 1 else sharded
+        jobs = [[i, meth, L] for i in idx for meth in METHODS for L in (1, 2)]
+        r = C.run_worker(here, extra + ["--fsdp", str(fsdp), "--jobs", json.dumps(jobs)],
+                         devices=fsdp, timeout=3600)
+        by = {(ai, meth, L): v for ai, meth, L, v in r["results"]}
+        for i in idx:
+            for meth in METHODS:
+                m1, m2 = by[(i, meth, 1)], by[(i, meth, 2)]
+                compiled[(i, meth, fsdp)] = extrapolate(m1, m2, archs[i].layers)
+                raw[f"{archs[i].name}|{meth}|fsdp{fsdp}"] = {"L1": m1, "L2": m2}
+    m["uptime_end"] = C.load_average()
+
+    rows_c = []
+    for (i, meth, fsdp), v in sorted(compiled.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        a = archs[i]
+        an = analytic(a, meth, fsdp, seq, PAIRS, chunk)
+        l1 = raw[f"{a.name}|{meth}|fsdp{fsdp}"]["L1"]
+        l2 = raw[f"{a.name}|{meth}|fsdp{fsdp}"]["L2"]
+        rows_c.append([a.name, meth, fsdp, v["argument"] / GB, v["temp"] / GB, v["peak"] / GB,
+                       an["total"] / GB, l1["compile_s"] + l2["compile_s"]])
+    fsdp_all = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    rows_a = []
+    for a in archs:
+        for meth in METHODS:
+            rows_a.append([a.name, meth] + [analytic(a, meth, n, seq, PAIRS, chunk)["total"] / GB for n in fsdp_all])
+    rows_b = []
+    for a in archs:
+        for meth in METHODS:
+            an = analytic(a, meth, 1, seq, PAIRS, chunk)
+            rows_b.append([a.name, meth, counts(a)["total"] / 1e9, counts(a)["lora"] / 1e6]
+                          + [an[k] / GB for k in ("weights", "adapters", "grads", "optimizer", "reference",
+                                                  "activations", "gathered_layer", "total")])
+    numbers = {"compiled": {f"{archs[i].name}|{meth}|fsdp{f}": v for (i, meth, f), v in compiled.items()},
+               "raw": raw,
+               "analytic": {f"{a.name}|{meth}|fsdp{n}": analytic(a, meth, n, seq, PAIRS, chunk)
+                            for a in archs for meth in METHODS for n in fsdp_all}}
+    goal = None
+    for i, a in enumerate(archs):
+        if a.name.startswith("65B") and (i, "qlora", 1) in compiled:
+            goal = compiled[(i, "qlora", 1)]["peak"] / GB
+    numbers["qlora_65b_single_device_gb"] = goal
+    parts = [
+        f"Per device: {PAIRS} pair ({2 * PAIRS} sequences) x {seq} tokens, DPO (policy forward+backward, "
+        f"reference forward), bf16 compute, remat per block, vocab_chunk={chunk}; LoRA rank {RANK} on "
+        "q/k/v/o/gate/up/down. Compiled numbers: XLA `memory_analysis()` of the jitted step compiled with "
+        "1 and 2 layers, extrapolated linearly to the real depth (m(L) = m(1) + (L-1)(m(2)-m(1))); "
+        "peak = arguments + outputs - aliased (donated) + temporaries. fsdp > 1: emulated host devices "
+        "(one subprocess per size), numbers per device.",
+        C.table(["model", "method", "fsdp", "compiled args GB", "compiled temp GB",
+                 "compiled peak GB / device", "analytic GB / device", "compile s (1+2 layers)"], rows_c),
+        "Analytic per-device bytes by component at fsdp = 1 (GB; weights: NF4 at 4.127 bits + bf16 "
+        "embedding/LM head/norms for QLoRA, fp32 master for full FT):",
+        C.table(["model", "method", "params (B)", "LoRA params (M)", "weights", "adapters", "grads",
+                 "optimizer", "reference", "activations", "gathered layer", "total"], rows_b),
+        "Analytic total GB per device vs fsdp size (per-device batch fixed; activations and one "
+        "all-gathered layer do not shrink with N):",
+        C.table(["model", "method"] + [f"fsdp {n}" for n in fsdp_all], rows_a),
+    ]
+    if goal is not None:
+        parts.append(f"65B QLoRA DPO step on one device: compiled-extrapolated peak {goal:.1f} GB "
+                     f"({'fits' if goal <= 48 else 'does NOT fit'} in 48 GB).")
+    parts.append(f"Load at end: `{m['uptime_end']}`.")
+    return C.finish(args, "memory_on_paper", "Memory on paper: 7B-70B DPO steps (QLoRA, full fine-tune)",
+                    argv, m, parts, numbers)
+
+
+if __name__ == "__main__":
+    main()
