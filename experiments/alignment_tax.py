@@ -36,6 +36,7 @@ def _common(c):
     c.tax.capability_synthetic = mlc.ConfigDict(CAPABILITY)
     c.tax.alignment_source = "synthetic:sft"
     c.tax.alignment_synthetic = mlc.ConfigDict(ALIGNMENT)
+    c.tax.preference_source = "synthetic:preference"
     c.tax.num_examples = 256
     c.train.eval_every = 0
     c.train.tensorboard = False

@@ -157,3 +157,16 @@ def per_device_bytes(tree) -> int:
         for shard in x.addressable_shards:
             totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
     return max(totals.values()) if totals else 0
+
+
+def place_on_mesh(tree, mesh: Mesh):
+    """Leaves already sharded over `mesh` stay as they are; every other leaf (step counters,
+    optimizer counts, RNG key data) is replicated over the mesh."""
+
+    def put(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated(mesh))
+
+    return jax.tree.map(put, tree)

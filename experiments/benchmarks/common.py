@@ -33,7 +33,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "p
 
 # ----------------------------------------------------------------------------- command line
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, few steps (CI smoke test)")
     p.add_argument("--results", default=str(RESULTS),
                    help="markdown file whose bench section is replaced ('' to skip writing)")
@@ -121,8 +121,9 @@ def alternate(fns: dict[str, Callable[[], object]], *, steps: int, warmup: int =
     return times
 
 
-def matmul_peak_jax(n: int = 2048, repeats: int = 5) -> float:
-    """Measured fp32 FLOP/s of one jitted [n, n] @ [n, n] matmul (median over `repeats`)."""
+def jax_matmul(n: int = 2048):
+    """(fn, flops): fn() runs one jitted fp32 [n, n] @ [n, n] matmul and blocks. Put it in the
+    `alternate` dict to measure the machine's fp32 matmul peak under the same load as the steps."""
     import jax
     import jax.numpy as jnp
 
@@ -130,25 +131,15 @@ def matmul_peak_jax(n: int = 2048, repeats: int = 5) -> float:
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
     f(a, b).block_until_ready()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / median(ts)
+    return (lambda: f(a, b).block_until_ready()), 2.0 * n ** 3
 
 
-def matmul_peak_torch(n: int = 2048, repeats: int = 5) -> float:
+def torch_matmul(n: int = 2048):
+    """(fn, flops) for torch's fp32 [n, n] @ [n, n] matmul (the BLAS TRL runs on)."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / median(ts)
+    return (lambda: a @ b), 2.0 * n ** 3
 
 
 def xla_flops(compiled) -> float | None:

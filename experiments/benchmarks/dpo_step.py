@@ -95,6 +95,21 @@ def trl_step_fn(trainer, batches):
     return step
 
 
+def with_torch_threads(fn, n: int):
+    """fn run with torch's intra-op thread count set to n (restored afterwards)."""
+    import torch
+
+    def run():
+        old = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(old)
+
+    return run
+
+
 def trl_first_logps(trainer) -> float:
     vals = trainer._metrics["train"].get("logps/chosen") or [float("nan")]
     return float(vals[0])
@@ -195,21 +210,69 @@ XLA_SWEEP = ("", "--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=true",
              "--xla_cpu_enable_concurrency_optimized_scheduler=true")
 
 
+# ----------------------------------------------------------------------------- reporting
+PEAK_JAX, PEAK_TORCH = "fp32 matmul peak, JAX", "fp32 matmul peak, torch"
+TRL_1T = "trl, torch.set_num_threads(1)"
+
+
+def peak_fns(smoke: bool):
+    """The two matmul-peak probes, timed inside the same alternation as the steps."""
+    n = 512 if smoke else 2048
+    fj, flj = C.jax_matmul(n)
+    ft, flt = C.torch_matmul(n)
+    return {PEAK_JAX: fj, PEAK_TORCH: ft}, {PEAK_JAX: flj, PEAK_TORCH: flt}, n
+
+
+def step_rows(times, meta, peak_flops, tokens):
+    """Table rows for step contestants. meta[name] = dict(flops=, baseline=, lib='jax'|'torch',
+    xla_flops=). Percent of peak uses the peak of the contestant's own library, measured in the
+    same alternation."""
+    med = {k: C.median(v) for k, v in times.items()}
+    peak = {"jax": peak_flops[PEAK_JAX] / med[PEAK_JAX], "torch": peak_flops[PEAK_TORCH] / med[PEAK_TORCH]}
+    rows = []
+    for name, info in meta.items():
+        t = med[name]
+        fl = info["flops"]
+        xf = info.get("xla_flops")
+        rows.append([name, t * 1e3, tokens / t, med[info["baseline"]] / t, fl / 1e9, fl / t / 1e9,
+                     100 * fl / t / peak[info["lib"]], xf / 1e9 if xf else None])
+    return rows, med, peak
+
+
+STEP_HEADERS = ["contestant", "median step ms", "tokens/s", "speedup vs TRL (same setting)",
+                "model GFLOP/step", "achieved GFLOP/s", "% of fp32 matmul peak (same lib, same run)",
+                "XLA cost_analysis GFLOP"]
+
+
+def shapes_line(s, steps, warmup):
+    return (f"Shapes: vocab {s.vocab}, hidden {s.hidden}, {s.layers} layers, {s.heads} heads, "
+            f"intermediate {s.intermediate}, {s.pairs} pairs x (prompt {s.prompt} + completion "
+            f"{s.completion}) = {s.tokens_per_step} tokens/step, fp32. {steps} timed steps per "
+            f"contestant after {warmup} warm-up, interleaved round by round in one process (the "
+            "matmul-peak probes too); medians.")
+
+
+def peak_line(peak, n):
+    return (f"Measured fp32 matmul peak ({n}^3, interleaved with the steps): JAX "
+            f"{peak['jax'] / 1e9:.1f} GFLOP/s, torch {peak['torch'] / 1e9:.1f} GFLOP/s.")
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" in argv_list:  # a subprocess started by run_worker
+        return worker([x for x in argv_list if x != "--worker"])
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=0, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--xla-sweep", action="store_true", help="time jaxalign under other XLA CPU flags")
-    p.add_argument("--worker", action="store_true", help=argparse_suppress())
-    args, rest = p.parse_known_args(argv)
-    if args.worker:
-        return worker(rest)
+    args = p.parse_args(argv)
     s = C.SMOKE if args.smoke else C.FULL
     steps = args.steps or (2 if args.smoke else 10)
     warmup = 1 if args.smoke else args.warmup
     m = C.machine()
     n_batches = 2 if args.smoke else 4
+    chunk = 1024 if s.vocab > 1024 else s.vocab // 4
     with tempfile.TemporaryDirectory() as d:
         model_dir = C.save_tiny_llama(os.path.join(d, "model"), s)
         tok = C.word_tokenizer(s.vocab)
@@ -221,44 +284,49 @@ def main(argv=None):
         seq_len = b_ref[0]["input_ids"].shape[1]
         if seq_len != s.seq_len:
             raise RuntimeError(f"TRL collated length {seq_len}, expected {s.seq_len}")
-        jx_ref, info_ref = make_jaxalign_step(model_dir, [C.trl_to_jaxalign(b) for b in b_ref])
-        chunk = 1024 if s.vocab > 1024 else s.vocab // 4
-        jx_chunk, info_chunk = make_jaxalign_step(model_dir, [C.trl_to_jaxalign(b) for b in b_ref],
-                                                  vocab_chunk=chunk)
+        jb_ref = [C.trl_to_jaxalign(b) for b in b_ref]
+        jx_ref, info_ref = make_jaxalign_step(model_dir, jb_ref)
+        jx_chunk, info_chunk = make_jaxalign_step(model_dir, jb_ref, vocab_chunk=chunk)
         jx_pre, info_pre = make_jaxalign_step(model_dir, [C.trl_to_jaxalign(b) for b in b_pre],
                                               reference="precomputed")
-        fns = {"trl": trl_step_fn(trl_ref, b_ref), "jaxalign": jx_ref,
-               f"jaxalign vocab_chunk={chunk}": jx_chunk,
-               "trl precomputed": trl_step_fn(trl_pre, b_pre), "jaxalign precomputed": jx_pre}
-        first_trl = fns["trl"]()  # TRL's first step records logps/chosen for the sanity check
-        times = C.alternate(fns, steps=steps, warmup=warmup)
+        trl_fn, trl_pre_fn = trl_step_fn(trl_ref, b_ref), trl_step_fn(trl_pre, b_pre)
+        first_trl = trl_fn()  # TRL's first step records logps/chosen for the sanity check
         trl_logps = trl_first_logps(trl_ref)
-        peak_jax = C.matmul_peak_jax(1024 if args.smoke else 2048)
-        peak_torch = C.matmul_peak_torch(1024 if args.smoke else 2048)
+        probes, probe_flops, n_peak = peak_fns(args.smoke)
+        fns = {"trl": trl_fn, "jaxalign": jx_ref, f"jaxalign vocab_chunk={chunk}": jx_chunk,
+               "trl precomputed": trl_pre_fn, "jaxalign precomputed": jx_pre,
+               TRL_1T: with_torch_threads(trl_fn, 1), **probes}
+        times = C.alternate(fns, steps=steps, warmup=warmup)
     m["uptime_end"] = C.load_average()
 
-    flops_ref = C.dpo_step_flops(s, reference_forward=True)
-    flops_pre = C.dpo_step_flops(s, reference_forward=False)
+    f_ref = C.dpo_step_flops(s, reference_forward=True)
+    f_pre = C.dpo_step_flops(s, reference_forward=False)
+    meta = {
+        "trl": dict(flops=f_ref, baseline="trl", lib="torch"),
+        "jaxalign": dict(flops=f_ref, baseline="trl", lib="jax", xla_flops=info_ref["xla_flops"]),
+        f"jaxalign vocab_chunk={chunk}": dict(flops=f_ref, baseline="trl", lib="jax",
+                                              xla_flops=info_chunk["xla_flops"]),
+        TRL_1T: dict(flops=f_ref, baseline="trl", lib="torch"),
+        "trl precomputed": dict(flops=f_pre, baseline="trl precomputed", lib="torch"),
+        "jaxalign precomputed": dict(flops=f_pre, baseline="trl precomputed", lib="jax",
+                                     xla_flops=info_pre["xla_flops"]),
+    }
     tokens = s.tokens_per_step
-    med = {k: C.median(v) for k, v in times.items()}
-    rows_out, numbers = [], {"shapes": dataclasses.asdict(s), "peak_jax": peak_jax,
-                             "peak_torch": peak_torch, "median_s": med, "times": times}
-    infos = {"jaxalign": info_ref, f"jaxalign vocab_chunk={chunk}": info_chunk,
-             "jaxalign precomputed": info_pre}
-    for name, t in med.items():
-        fl = flops_pre if "precomputed" in name else flops_ref
-        base = med["trl precomputed" if "precomputed" in name else "trl"]
-        peak = peak_torch if name.startswith("trl") else peak_jax
-        xf = infos.get(name, {}).get("xla_flops")
-        rows_out.append([name, t * 1e3, tokens / t, base / t, fl / 1e9, fl / t / 1e9, 100 * fl / t / peak,
-                         xf / 1e9 if xf else None])
-    numbers["tokens_per_s"] = {k: tokens / v for k, v in med.items()}
-    numbers["speedup_vs_trl"] = med["trl"] / med["jaxalign"]
-    numbers["speedup_precomputed_vs_trl_precomputed"] = med["trl precomputed"] / med["jaxalign precomputed"]
-    numbers["best_jaxalign_vs_trl"] = med["trl"] / min(med["jaxalign"], med[f"jaxalign vocab_chunk={chunk}"])
-    numbers["fraction_of_peak"] = flops_ref / med["jaxalign"] / peak_jax
-    numbers["sanity"] = {"jaxalign_first_loss": info_ref["first_loss"], "trl_first_loss": first_trl,
-                         "jaxalign_logps_chosen": info_ref["first_logps_chosen"], "trl_logps_chosen": trl_logps}
+    rows_out, med, peak = step_rows(times, meta, probe_flops, tokens)
+    best = min(med["jaxalign"], med[f"jaxalign vocab_chunk={chunk}"])
+    numbers = {
+        "shapes": dataclasses.asdict(s), "peak_flops": peak, "median_s": med, "times": times,
+        "tokens_per_s": {k: tokens / med[k] for k in meta},
+        "speedup_vs_trl": med["trl"] / med["jaxalign"],
+        "speedup_precomputed_vs_trl_precomputed": med["trl precomputed"] / med["jaxalign precomputed"],
+        "speedup_jaxalign_precomputed_vs_trl": med["trl"] / med["jaxalign precomputed"],
+        "best_jaxalign_vs_trl": med["trl"] / best,
+        "speedup_vs_best_trl": min(med["trl"], med[TRL_1T]) / med["jaxalign"],
+        "fraction_of_peak": f_ref / med["jaxalign"] / peak["jax"],
+        "fraction_of_peak_precomputed": f_pre / med["jaxalign precomputed"] / peak["jax"],
+        "sanity": {"jaxalign_first_loss": info_ref["first_loss"], "trl_first_loss": first_trl,
+                   "jaxalign_logps_chosen": info_ref["first_logps_chosen"], "trl_logps_chosen": trl_logps},
+    }
 
     sweep_rows = []
     if args.xla_sweep:
@@ -270,18 +338,10 @@ def main(argv=None):
                 sweep_rows.append([flags or "(default)", rnd, r["median_s"] * 1e3, tokens / r["median_s"]])
         numbers["xla_sweep"] = sweep_rows
 
-    headers = ["contestant", "median step ms", "tokens/s", "speedup vs TRL (same ref mode)",
-               "model GFLOP/step", "achieved GFLOP/s", "% of measured fp32 matmul peak",
-               "XLA cost_analysis GFLOP"]
     parts = [
-        f"Shapes: vocab {s.vocab}, hidden {s.hidden}, {s.layers} layers, {s.heads} heads, intermediate "
-        f"{s.intermediate}, {s.pairs} pairs x (prompt {s.prompt} + completion {s.completion}) = "
-        f"{tokens} tokens/step, fp32. {steps} timed steps per contestant after {warmup} warm-up, "
-        "interleaved in one process; median.",
-        C.table(headers, rows_out),
-        f"Measured fp32 matmul peak ({1024 if args.smoke else 2048}^3 jitted matmul, same process): JAX {peak_jax / 1e9:.1f} GFLOP/s, "
-        f"torch {peak_torch / 1e9:.1f} GFLOP/s. Percent of peak uses JAX's peak for jaxalign rows and "
-        "torch's for TRL rows. Model FLOPs: 6 N tokens (policy forward+backward) + 2 N tokens "
+        shapes_line(s, steps, warmup),
+        C.table(STEP_HEADERS, rows_out),
+        peak_line(peak, n_peak) + " Model FLOPs: 6 N tokens (policy forward+backward) + 2 N tokens "
         "(reference forward, absent when precomputed) + attention (4 B H T^2 d per layer forward, "
         "x3 with backward), N = all matmul weights incl. the LM head at every position "
         f"({C.linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, s.hidden // s.heads, s.vocab):,}).",
@@ -294,12 +354,6 @@ def main(argv=None):
         parts.append("XLA CPU flag sweep (jaxalign step only, one fresh process per row, two rounds):\n\n"
                      + C.table(["XLA_FLAGS", "round", "median step ms", "tokens/s"], sweep_rows))
     return C.finish(args, "dpo_step", "DPO step, full fine-tune: jaxalign vs TRL", argv, m, parts, numbers)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -245,15 +245,15 @@ def extrapolate(m1: dict, m2: dict, layers: int) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" in argv_list:  # a subprocess started by run_worker
+        return worker([x for x in argv_list if x != "--worker"])
     import json
 
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--worker", action="store_true")
     p.add_argument("--fsdp-compiled", default="", help="emulated fsdp sizes to compile (default 2,4,8)")
     p.add_argument("--sharded-archs", default="", help="arch indices compiled sharded (default 0,2)")
-    args, rest = p.parse_known_args(argv)
-    if args.worker:
-        return worker(rest)
+    args = p.parse_args(argv)
     archs = SMOKE_ARCHS if args.smoke else ARCHS
     seq, chunk = (SMOKE_SEQ, SMOKE_CHUNK) if args.smoke else (SEQ, VOCAB_CHUNK)
     fsdp_sizes = [int(x) for x in args.fsdp_compiled.split(",")] if args.fsdp_compiled else ([2] if args.smoke else [2, 4, 8])

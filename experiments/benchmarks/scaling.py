@@ -29,6 +29,7 @@ from experiments.benchmarks import common as C  # noqa: E402
 
 SCALING = C.Shapes(pairs=8, prompt=32, completion=32)  # global batch 8 pairs: divisible by 8 devices
 SCALING_SMOKE = dataclasses.replace(C.SMOKE, pairs=2)
+WARMUP = 2
 
 
 def worker(argv):
@@ -36,7 +37,7 @@ def worker(argv):
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
+    from jax.sharding import NamedSharding
 
     from jaxalign import sharding as jshard
     from jaxalign.losses import dpo_loss
@@ -81,18 +82,21 @@ def worker(argv):
             put_batch = lambda b: jshard.shard_batch(b, mesh)
         state = init_state({"params": params}, optimizer, jax.random.PRNGKey(1))
         if mesh is not None:
-            state_sh = jax.tree.map(lambda x: x.sharding, state)
+            # scalars (step, rng, Adam's count) come out of init_state on one device: replicate them
+            rep = jshard.replicated(mesh)
+            state_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else rep, state)
+            state = jax.tree.map(jax.device_put, state, state_sh)
         step = make_train_step(objective, optimizer, state_shardings=state_sh)
         frozen = {"ref_params": ref}
         dev_batches = [put_batch(b) for b in batches]
         losses, times = [], []
         import time
 
-        for i in range(a.steps + 1):  # step 0 compiles
+        for i in range(a.steps + WARMUP):  # step 0 compiles; step 1 may recompile (committed inputs)
             t0 = time.perf_counter()
             state, metrics = step(state, frozen, dev_batches[i % len(dev_batches)])
             jax.block_until_ready((state, metrics))
-            if i:
+            if i >= WARMUP:
                 times.append(time.perf_counter() - t0)
             losses.append(float(metrics["loss"]))
         per_dev = jshard.per_device_bytes(state["trainable"]) + jshard.per_device_bytes(state["opt_state"])
@@ -107,14 +111,14 @@ def worker(argv):
 
 
 def main(argv=None):
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" in argv_list:  # a subprocess started by run_worker
+        return worker([x for x in argv_list if x != "--worker"])
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--devices", default="", help="comma-separated device counts (default 1,2,4,8)")
-    p.add_argument("--worker", action="store_true")
-    args, rest = p.parse_known_args(argv)
-    if args.worker:
-        return worker(rest)
-    counts = [int(c) for c in args.devices.split(",")] if args.devices else ([1, 2] if args.smoke else [1, 2, 4, 8])
+    args = p.parse_args(argv)
+    counts = [int(c) for c in args.devices.split(",")] if args.devices else ([2] if args.smoke else [1, 2, 4, 8])
     steps = args.steps or (2 if args.smoke else 8)
     s = SCALING_SMOKE if args.smoke else SCALING
     m = C.machine()
@@ -138,8 +142,8 @@ def main(argv=None):
     parts = [
         f"Model: vocab {s.vocab}, hidden {s.hidden}, {s.layers} layers, {s.heads} heads, intermediate "
         f"{s.intermediate}, fp32; global batch {s.pairs} pairs x {s.seq_len} tokens; DPO with reference "
-        f"model; AdamW lr 1e-3 (params move, so later losses depend on earlier updates); {steps + 1} "
-        "steps, the first (compile) untimed. One fresh process per device count.",
+        f"model; AdamW lr 1e-3 (params move, so later losses depend on earlier updates); {steps + WARMUP} "
+        f"steps, the first {WARMUP} (compile) untimed. One fresh process per device count.",
         C.table(["devices", "mesh", "max |loss - single-device loss| over steps", "median step ms",
                  "tokens/s", "single-device step ms (same process)", "params+opt MiB per device",
                  "single-device MiB"], rows),

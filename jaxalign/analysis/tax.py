@@ -36,8 +36,8 @@ import numpy as np
 from jaxalign.losses.logps import token_logps
 
 __all__ = [
-    "EvalSet", "alignment_tax", "completion_metrics", "make_completion_scorer", "make_eval_set",
-    "make_tax_evaluator", "pair_metrics", "score_completions", "teacher_forced_scores",
+    "EvalSet", "alignment_tax", "completion_metrics", "evaluate_sets", "make_completion_scorer",
+    "make_eval_set", "make_tax_evaluator", "pair_metrics", "score_completions", "teacher_forced_scores",
 ]
 
 _SYNTHETIC_KINDS = {"synthetic:sft": "sft", "synthetic:preference": "preference"}
@@ -45,16 +45,21 @@ _SYNTHETIC_KINDS = {"synthetic:sft": "sft", "synthetic:preference": "preference"
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-    """A named, tokenized evaluation set: `examples` (dicts from `tokenize_dataset`) and the
-    `collate` function turning a list of them into a batch (`make_collate_fn(kind, ...)`)."""
+    """A named, tokenized evaluation set: `examples` (dicts from `tokenize_dataset`) of `kind`
+    'sft' (prompt/completion) or 'preference' (chosen/rejected pairs) and the `collate` function
+    turning a list of them into a batch (`make_collate_fn(kind, ...)`)."""
 
     name: str
     examples: Sequence[dict]
     collate: Callable[[list], dict]
+    kind: str = "sft"
 
     def __post_init__(self):
         if len(self.examples) == 0:
             raise ValueError(f"EvalSet {self.name!r}: `examples` is empty")
+        if self.kind not in ("sft", "preference"):
+            raise ValueError(f"EvalSet {self.name!r}: kind must be 'sft' or 'preference', got "
+                             f"{self.kind!r}")
 
 
 def make_eval_set(name: str, tokenizer, *, source: str = "synthetic:sft", n: int = 256,
@@ -87,7 +92,7 @@ def make_eval_set(name: str, tokenizer, *, source: str = "synthetic:sft", n: int
                                  source=source)
     collate = jdata.make_collate_fn(kind, pad_id=tokenizer.pad_token_id,
                                     pad_to_multiple_of=pad_to_multiple_of)
-    return EvalSet(name=name, examples=tok.examples, collate=collate)
+    return EvalSet(name=name, examples=tok.examples, collate=collate, kind=kind)
 
 
 def teacher_forced_scores(logits, tokens, loss_mask):
@@ -168,7 +173,9 @@ def pair_metrics(scorer: Callable, variables, eval_set: EvalSet, *, batch_size: 
                  beta: float = 0.1) -> dict[str, Any]:
     """Preference metrics of `variables` on a preference-kind `eval_set`.
 
-    `pref_accuracy` = mean[log pi(y_w|x) > log pi(y_l|x)] (the policy's own ranking). With
+    `pref_accuracy` = mean[log pi(y_w|x) > log pi(y_l|x)] (the policy's own ranking) and
+    `pref_margin` = mean[log pi(y_w|x) - log pi(y_l|x)] (its change from the reference model is
+    the mean DPO implicit-reward margin divided by beta). With
     `ref_logps` ({'chosen': [N], 'rejected': [N]}, e.g. this function's `logps` output for the
     reference model) also the DPO implicit rewards r = beta * (log pi - log pi_ref):
     `reward_margin` = mean(r_w - r_l) and `reward_accuracy` = mean[r_w > r_l].
@@ -178,7 +185,8 @@ def pair_metrics(scorer: Callable, variables, eval_set: EvalSet, *, batch_size: 
     rejected = score_completions(scorer, variables, eval_set, batch_size=batch_size,
                                  prefix="rejected_")
     lw, ll = chosen["logps"], rejected["logps"]
-    out: dict[str, Any] = {"pref_accuracy": float(np.mean(lw > ll)), "n": int(len(lw)),
+    out: dict[str, Any] = {"pref_accuracy": float(np.mean(lw > ll)),
+                           "pref_margin": float(np.mean(lw - ll)), "n": int(len(lw)),
                            "logps": {"chosen": lw, "rejected": ll}}
     if ref_logps is not None:
         for side, arr in (("chosen", lw), ("rejected", ll)):
@@ -217,28 +225,42 @@ def alignment_tax(before: Mapping[str, float], after: Mapping[str, float], *,
             "alignment_before": float(before[alignment]), "alignment_after": float(after[alignment])}
 
 
+def evaluate_sets(scorer: Callable, variables, sets: Sequence[EvalSet], *,
+                  batch_size: int = 64) -> dict[str, float]:
+    """Flat '{set name}/{metric}' dict: `completion_metrics` for 'sft' sets, `pair_metrics`
+    (`pref_accuracy`) for 'preference' sets."""
+    out: dict[str, float] = {}
+    for s in sets:
+        if s.kind == "sft":
+            m = completion_metrics(scorer, variables, s, batch_size=batch_size)
+        else:
+            m = {k: v for k, v in pair_metrics(scorer, variables, s, batch_size=batch_size).items()
+                 if k != "logps"}
+        out.update({f"{s.name}/{k}": v for k, v in m.items()})
+    return out
+
+
 def make_tax_evaluator(model, tokenizer, *, capability_source: str,
                        capability_synthetic: Mapping[str, Any] | None = None,
                        alignment_source: str = "",
                        alignment_synthetic: Mapping[str, Any] | None = None,
+                       preference_source: str = "",
                        num_examples: int = 256, seed: int = 0, batch_size: int = 64,
                        max_length: int | None = None) -> Callable[[Any], dict[str, float]]:
-    """`evaluate(variables) -> {'capability/accuracy', 'capability/nll', ..., 'alignment/...'}` on
-    a held-out capability set and (when `alignment_source` is set) a held-out set of the aligned
-    task; feed two of its results to `alignment_tax`. Sources as in `make_eval_set`."""
+    """`evaluate(variables) -> {'capability/accuracy', 'capability/nll', ..., 'alignment/...',
+    'preference/pref_accuracy'}` on a held-out capability set, and when given a held-out set of
+    the aligned task (`alignment_source`, prompt/completion) and held-out preference pairs
+    (`preference_source`, generated with `alignment_synthetic`); feed two of its results to
+    `alignment_tax`. Sources as in `make_eval_set`."""
     sets = [make_eval_set("capability", tokenizer, source=capability_source, n=num_examples,
                           seed=seed, synthetic=capability_synthetic, max_length=max_length)]
     if alignment_source:
         sets.append(make_eval_set("alignment", tokenizer, source=alignment_source, n=num_examples,
                                   seed=seed + 1, synthetic=alignment_synthetic,
                                   max_length=max_length))
+    if preference_source:
+        sets.append(make_eval_set("preference", tokenizer, source=preference_source,
+                                  n=num_examples, seed=seed + 2, synthetic=alignment_synthetic,
+                                  max_length=max_length, kind="preference"))
     scorer = make_completion_scorer(model)
-
-    def evaluate(variables) -> dict[str, float]:
-        out = {}
-        for s in sets:
-            for k, v in completion_metrics(scorer, variables, s, batch_size=batch_size).items():
-                out[f"{s.name}/{k}"] = v
-        return out
-
-    return evaluate
+    return lambda variables: evaluate_sets(scorer, variables, sets, batch_size=batch_size)

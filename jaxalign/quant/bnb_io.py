@@ -96,12 +96,18 @@ def bnb_state_to_nf4(state: Mapping[str, Any], prefix: str, *,
     block_size = meta["blocksize"]
     _check_block_size(block_size, name=f"{qs_key} blocksize")
     storage_shape = tuple(int(d) for d in meta["shape"])
+    try:
+        dtype = jnp.dtype(meta["dtype"])
+    except TypeError:
+        raise ValueError(f"bitsandbytes state key {qs_key!r}: unknown dtype "
+                         f"{meta['dtype']!r}") from None
     n = math.prod(storage_shape)
     nblocks = -(-n // block_size)
     if transposed is None:
         transposed = len(storage_shape) == 2
     if transposed and len(storage_shape) != 2:
-        raise ValueError(f"transposed=True needs a 2-D weight, {qs_key!r} has shape {storage_shape}")
+        raise ValueError(f"transposed=True needs a 2-D weight, {qs_key!r} has shape "
+                         f"{storage_shape}")
 
     codes = _get(state, w, prefix)
     if codes.dtype != np.uint8:  # bitsandbytes' quant_storage may be another dtype: same bytes
@@ -123,6 +129,7 @@ def bnb_state_to_nf4(state: Mapping[str, Any], prefix: str, *,
         _check(nmap.size == 256, f"{w}.nested_quant_map", "256 values", nmap.size)
         _check("nested_offset" in meta, qs_key, "a 'nested_offset' field", sorted(meta))
         nested_bs = int(meta.get("nested_blocksize", NESTED_BLOCK_SIZE))
+        _check(nested_bs > 0, qs_key, "a positive nested_blocksize", nested_bs)
         _check(nested.size == -(-nblocks // nested_bs), f"{w}.nested_absmax",
                f"{-(-nblocks // nested_bs)} blocks", nested.size)
         _check(absmax.dtype == np.uint8, f"{w}.absmax", "uint8 codes with double quant",
@@ -136,6 +143,6 @@ def bnb_state_to_nf4(state: Mapping[str, Any], prefix: str, *,
         absmax = jnp.asarray(absmax.astype(np.float32))
     shape = tuple(reversed(storage_shape)) if transposed else storage_shape
     return NF4Tensor(jnp.asarray(codes), absmax, nested, offset, shape=shape,
-                     block_size=int(block_size), dtype=jnp.dtype(meta["dtype"]),
+                     block_size=int(block_size), dtype=dtype,
                      transposed=bool(transposed), nested_block_size=nested_bs,
                      nested_code=nested_code)

@@ -53,7 +53,8 @@ def base_config() -> mlc.ConfigDict:
     c.tax = mlc.ConfigDict(dict(
         capability_source="", capability_synthetic=mlc.ConfigDict(dict(digits=2, operators="-")),
         alignment_source="", alignment_synthetic=mlc.ConfigDict(dict(digits=2, operators="+")),
-        num_examples=256, batch_size=64))
+        preference_source="", alignment_metric="alignment/accuracy", num_examples=256,
+        batch_size=64))
     # NSPO (jaxalign/analysis/nspo.py): project updates onto the null space of capability gradients.
     c.nspo = mlc.ConfigDict(dict(
         enabled=False, source="synthetic:sft", synthetic=mlc.ConfigDict(dict(digits=2, operators="-")),

@@ -196,7 +196,8 @@ def run(config) -> dict[str, Any]:
     transforms = {}
     if config.get("nspo") is not None and config.nspo.enabled:  # null-space projection (analysis/nspo.py)
         frozen["nspo"], trainable, transforms = _nspo_setup(config, model, tokenizer, trainable, frozen)
-    state = init_state(trainable, optimizer, state_rng)
+    state = jshard.place_on_mesh(init_state(trainable, optimizer, state_rng), mesh)
+    frozen = jshard.place_on_mesh(frozen, mesh)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     train_step = make_train_step(objective, optimizer, grad_accum=config.train.grad_accum,
                                  learning_rate_fn=schedule, state_shardings=state_sh, **transforms)
@@ -267,7 +268,8 @@ def run(config) -> dict[str, Any]:
         tax_eval = make_tax_evaluator(
             model, tokenizer, capability_source=t.capability_source,
             capability_synthetic=dict(t.capability_synthetic), alignment_source=t.alignment_source,
-            alignment_synthetic=dict(t.alignment_synthetic), num_examples=t.num_examples,
+            alignment_synthetic=dict(t.alignment_synthetic),
+            preference_source=t.preference_source, num_examples=t.num_examples,
             seed=config.seed + 101, batch_size=t.batch_size, max_length=config.data.max_length)
         tax_before = tax_eval(current_variables({"trainable": trainable}))  # the start, even on resume
     task = {}
@@ -327,8 +329,8 @@ def run(config) -> dict[str, Any]:
         from jaxalign.analysis.tax import alignment_tax
 
         tax = {"before": tax_before, "after": tax_eval(variables)}
-        if "alignment/accuracy" in tax["before"]:
-            tax["report"] = alignment_tax(tax["before"], tax["after"])
+        if t.alignment_metric in tax["before"]:
+            tax["report"] = alignment_tax(tax["before"], tax["after"], alignment=t.alignment_metric)
         print("[tax] " + ", ".join(f"{k}: {tax['before'][k]:.3f} -> {tax['after'][k]:.3f}"
                                    for k in tax["before"] if k.endswith(("accuracy", "nll"))))
         with open(os.path.join(out_dir, "tax.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""NF4 quantization: closed-form values and byte equality with bitsandbytes 0.50 on CPU (the oracle)."""
+"""NF4: closed-form values and byte equality with bitsandbytes 0.50 on CPU (the oracle)."""
 
 import os
 import subprocess
@@ -78,7 +78,7 @@ def test_codebooks_match_bitsandbytes():
 
 
 def test_closed_form_codes_packing_and_ties():
-    # absmax 2: scaled [1, -0.5, 0, 0.25] -> codes [15, 2, 7, 10] (nearest values 1, -0.525, 0, 0.246)
+    # absmax 2: scaled [1, -0.5, 0, 0.25] -> codes [15, 2, 7, 10] (values 1, -0.525, 0, 0.246)
     q = quantize_nf4(jnp.array([2.0, -1.0, 0.0, 0.5]), block_size=32, double_quant=False)
     assert np.asarray(q.codes).tolist() == [0xF2, 0x7A]
     assert np.asarray(q.absmax).tolist() == [2.0]

@@ -12,7 +12,6 @@ from jaxalign.quant import (
     bits_per_parameter,
     dequantize_nf4,
     dequantize_params,
-    quantize_nf4,
     quantize_params,
 )
 
@@ -74,7 +73,8 @@ def test_default_targets_quantize_dense_kernels_only():
     assert np.asarray(leaf.nested_absmax).tobytes() == state.state2.absmax.numpy().tobytes()
     # Idempotent: already-quantized leaves are kept as they are.
     again = quantize_params(q)
-    assert again["layers_0"]["attn"]["q_proj"]["kernel"] is q["layers_0"]["attn"]["q_proj"]["kernel"]
+    kept = again["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert kept is q["layers_0"]["attn"]["q_proj"]["kernel"]
 
 
 def test_dequantize_params_restores_structure_and_values():

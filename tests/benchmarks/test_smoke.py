@@ -1,0 +1,125 @@
+"""Smoke tests of the benchmark scripts (experiments/benchmarks): each runs in its tiny --smoke
+mode and must produce finite numbers, its RESULTS section, and the correctness facts it reports
+(identical first-step losses, identical NF4 bytes, equal sharded losses). Timings are never
+asserted."""
+
+import importlib
+import json
+import math
+
+import pytest
+
+from experiments.benchmarks import common
+
+LOG2 = math.log(2.0)
+
+
+def _numbers(tree):
+    """All int/float leaves of a JSON-like tree (bools and None excluded)."""
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _numbers(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _numbers(v)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield tree
+
+
+def _run(name, tmp_path):
+    mod = importlib.import_module(f"experiments.benchmarks.{name}")
+    results, out = tmp_path / "RESULTS.md", tmp_path / "numbers.json"
+    returned = mod.main(["--smoke", "--results", str(results), "--json", str(out)])
+    text = results.read_text()
+    assert f"<!-- BEGIN bench:{name} -->" in text and f"<!-- END bench:{name} -->" in text
+    assert "nproc" in text and "Command: `python" in text
+    numbers = json.loads(out.read_text())
+    assert numbers == json.loads(json.dumps(returned, default=float))
+    values = list(_numbers(numbers))
+    assert values and all(math.isfinite(v) for v in values)
+    return numbers
+
+
+def _positive_times(med):
+    assert med and all(v > 0 for v in med.values())
+
+
+@pytest.mark.slow
+def test_dpo_step_smoke(tmp_path):
+    n = _run("dpo_step", tmp_path)
+    _positive_times(n["median_s"])
+    s = n["sanity"]
+    assert s["jaxalign_first_loss"] == pytest.approx(LOG2, abs=1e-5)
+    assert s["trl_first_loss"] == pytest.approx(LOG2, abs=1e-5)
+    # same checkpoint, same tokens: the policies' summed chosen log-probs agree
+    assert s["jaxalign_logps_chosen"] == pytest.approx(s["trl_logps_chosen"], rel=1e-4)
+    assert set(n["tokens_per_s"]) == {"trl", "jaxalign", "jaxalign vocab_chunk=32", "trl precomputed",
+                                      "jaxalign precomputed", "trl, torch.set_num_threads(1)"}
+
+
+@pytest.mark.slow
+def test_lora_step_smoke(tmp_path):
+    n = _run("lora_step", tmp_path)
+    _positive_times(n["median_s"])
+    assert n["trainable_params"]["jaxalign"] == n["trainable_params"]["trl"]
+    for name, loss in n["first_loss"].items():  # B = 0 at init: policy == reference
+        assert loss == pytest.approx(LOG2, abs=1e-4), name
+    assert "qlora_speedup_vs_trl" in n  # TRL + bitsandbytes 4-bit ran on CPU
+
+
+@pytest.mark.slow
+def test_nf4_ops_smoke(tmp_path):
+    n = _run("nf4_ops", tmp_path)
+    assert all(n["bytes_equal"].values()), n["bytes_equal"]
+    assert n["dequantize_max_abs_diff"] == 0.0
+    assert n["matmul_max_abs_diff"] < 1e-4
+    _positive_times(n["matmul_s"])
+
+
+@pytest.mark.slow
+def test_memory_on_paper_smoke(tmp_path):
+    n = _run("memory_on_paper", tmp_path)
+    c = n["compiled"]
+    for key, v in c.items():
+        assert v["peak"] > 0 and v["argument"] > 0, key
+    # fsdp=2 holds about half of the full fine-tune's params + optimizer per device
+    assert c["tiny|full|fsdp2"]["argument"] < 0.75 * c["tiny|full|fsdp1"]["argument"]
+    a = n["analytic"]
+    for meth in ("qlora", "full"):
+        totals = [a[f"tiny|{meth}|fsdp{k}"]["total"] for k in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
+        assert all(x > y for x, y in zip(totals, totals[1:]))
+
+
+@pytest.mark.slow
+def test_scaling_smoke(tmp_path):
+    n = _run("scaling", tmp_path)
+    assert n["max_loss_diff"] < 1e-4
+    r = n["per_count"]["2"]
+    assert r["devices"] == 2
+    # fsdp over 2 devices holds less per device than the replicated data-parallel state
+    assert r["fsdp"][2] < r["data"][2]
+
+
+def test_write_section_replaces_only_its_own_block(tmp_path):
+    path = tmp_path / "R.md"
+    path.write_text("# Results\n\n## RL (another helper)\nkeep me\n")
+    common.write_section("a", "## A\nfirst", path)
+    common.write_section("b", "## B\nsecond", path)
+    common.write_section("a", "## A\nreplaced", path)
+    text = path.read_text()
+    assert text.count("<!-- BEGIN bench:a -->") == 1 and "replaced" in text and "first" not in text
+    assert "## B\nsecond" in text and "keep me" in text
+    assert text.index("bench:a") < text.index("bench:b")  # replaced in place, not re-appended
+
+
+def test_dpo_step_flops_by_hand():
+    s = common.Shapes(vocab=10, hidden=4, layers=1, heads=2, intermediate=6, prompt=2, completion=1, pairs=1)
+    n = 4 * 4 * 4 + 3 * 4 * 6 + 4 * 10  # q,k,v,o + gate,up,down + LM head = 176
+    tokens = 2 * 3
+    attn = 4.0 * 1 * 2 * 2 * 3 ** 2 * 2  # 4 B H T^2 d
+    fwd = 2 * n * tokens + attn
+    assert common.dpo_step_flops(s, reference_forward=True) == 4 * fwd
+    assert common.dpo_step_flops(s, reference_forward=False) == 3 * fwd
+    nl = 1 * 3 * ((4 + 4) * 4 + 3 * (4 + 6))  # r (in + out) over 7 modules
+    assert common.lora_params(4, 6, 1, 2, 2, 2, 3) == nl
+    assert common.dpo_step_flops(s, reference_forward=True, lora_rank=3) == 3 * fwd + 6 * nl * tokens
