@@ -18,7 +18,6 @@ def get_config(arg=None):
     c.output_dir = f"runs/sft_{variant}"
     c.loss = loss_config("sft")
     c.data.source = "synthetic:sft"
-    c.data.synthetic.wrong_fraction = 0.0
     c.reference.mode = "none"
     c.optim.learning_rate = 3e-3
     c.train.steps = 200

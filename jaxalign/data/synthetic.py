@@ -94,6 +94,35 @@ def corrupt_answer(answer: str, rng: np.random.Generator) -> str:
     return sign + "".join(digits)
 
 
+def no_carry_answer(problem: Problem) -> str:
+    """The answer computed digit by digit with carries (or borrows) forgotten: 58+23 -> '71',
+    52-38 -> '26'. Equals the correct answer iff the problem needs no carry/borrow."""
+    a, b = str(problem.a), str(problem.b)
+    width = max(len(a), len(b))
+    a, b = a.zfill(width), b.zfill(width)
+    if problem.op == "+":
+        digits = [(int(x) + int(y)) % 10 for x, y in zip(a, b)]
+    else:
+        digits = [(int(x) - int(y)) % 10 for x, y in zip(a, b)]
+    text = "".join(map(str, digits)).lstrip("0") or "0"
+    return text
+
+
+ERRORS = ("digit", "carry")
+
+
+def wrong_answer(problem: Problem, rng: np.random.Generator, error: str) -> str:
+    """A wrong answer: 'digit' changes one random digit; 'carry' forgets the carries (a
+    systematic error) and falls back to 'digit' for problems that need no carry."""
+    if error not in ERRORS:
+        raise ValueError(f"`error` must be one of {ERRORS}, got {error!r}")
+    if error == "carry":
+        text = no_carry_answer(problem)
+        if text != problem.answer:
+            return text
+    return corrupt_answer(problem.answer, rng)
+
+
 def _wrap(prompt: str, completion: str | None, conversational: bool) -> tuple[Any, Any]:
     if not conversational:
         return prompt, completion
@@ -109,18 +138,27 @@ def _draw(n, seed, kw):
     return problems, conversational, np.random.default_rng([seed, 1])
 
 
-def make_sft_dataset(n: int, *, seed: int, wrong_fraction: float = 0.0,
+def make_sft_dataset(n: int, *, seed: int, wrong_fraction: float = 0.0, error: str = "digit",
                      **kw: Any) -> datasets.Dataset:
     """prompt/completion demonstrations; `round(wrong_fraction * n)` of them (chosen at random)
-    have an answer wrong in one digit. Columns: prompt, completion, answer (the correct one),
+    are wrong. error='digit': wrong in one random digit; error='carry': the wrong ones are drawn
+    among problems that need a carry and forget it (a systematic error; a wrong_fraction above
+    the share of carry problems saturates). Columns: prompt, completion, answer (the correct one),
     is_correct. Keywords: digits, operators, split, allow_negative, conversational."""
     if not 0.0 <= wrong_fraction <= 1.0:
         raise ValueError(f"`wrong_fraction` must be in [0, 1], got {wrong_fraction!r}")
+    if error not in ERRORS:
+        raise ValueError(f"`error` must be one of {ERRORS}, got {error!r}")
     problems, conv, rng = _draw(n, seed, kw)
-    wrong = set(rng.permutation(n)[: round(wrong_fraction * n)].tolist())
+    if error == "carry":
+        pool = [i for i, pr in enumerate(problems) if no_carry_answer(pr) != pr.answer]
+        order = [pool[j] for j in rng.permutation(len(pool))]
+    else:
+        order = rng.permutation(n).tolist()
+    wrong = set(order[: round(wrong_fraction * n)])
     rows: dict[str, list] = {"prompt": [], "completion": [], "answer": [], "is_correct": []}
     for i, pr in enumerate(problems):
-        text = corrupt_answer(pr.answer, rng) if i in wrong else pr.answer
+        text = wrong_answer(pr, rng, error) if i in wrong else pr.answer
         p, c = _wrap(pr.prompt, text, conv)
         rows["prompt"].append(p)
         rows["completion"].append(c)
@@ -129,14 +167,17 @@ def make_sft_dataset(n: int, *, seed: int, wrong_fraction: float = 0.0,
     return datasets.Dataset.from_dict(rows)
 
 
-def make_preference_dataset(n: int, *, seed: int, **kw: Any) -> datasets.Dataset:
-    """prompt/chosen/rejected: chosen is the correct answer, rejected is wrong in one digit.
-    Columns: prompt, chosen, rejected, answer."""
+def make_preference_dataset(n: int, *, seed: int, error: str = "digit",
+                            **kw: Any) -> datasets.Dataset:
+    """prompt/chosen/rejected: chosen is the correct answer, rejected is wrong (see
+    `wrong_answer` for `error`). Columns: prompt, chosen, rejected, answer."""
+    if error not in ERRORS:
+        raise ValueError(f"`error` must be one of {ERRORS}, got {error!r}")
     problems, conv, rng = _draw(n, seed, kw)
     rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "answer": []}
     for pr in problems:
         p, chosen = _wrap(pr.prompt, pr.answer, conv)
-        _, rejected = _wrap(pr.prompt, corrupt_answer(pr.answer, rng), conv)
+        _, rejected = _wrap(pr.prompt, wrong_answer(pr, rng, error), conv)
         rows["prompt"].append(p)
         rows["chosen"].append(chosen)
         rows["rejected"].append(rejected)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.models.config import GPT2Config
-from jaxalign.models.layers import Linear, attention_mask_4d, default_positions, dot_product_attention
+from jaxalign.models.layers import Linear, dot_product_attention, prepare_inputs
 
 Dtype = Any
 
@@ -130,23 +130,8 @@ class GPT2LMHeadModel(nn.Module):
     def __call__(self, tokens, *, attention_mask=None, positions=None, cache=None,
                  deterministic: bool = True, return_hidden: bool = False):
         c = self.config
-        b, t = tokens.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), jnp.bool_)
-        attention_mask = attention_mask.astype(jnp.bool_)
-        if cache is None:
-            write_index = 0
-            valid = attention_mask
-            q_slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-            kv_slots = q_slots
-        else:
-            write_index = cache["index"]
-            valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, write_index))
-            q_slots = jnp.broadcast_to(write_index + jnp.arange(t), (b, t))
-            kv_slots = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
-        if positions is None:
-            positions = jnp.take_along_axis(default_positions(valid), q_slots, axis=1)
-        mask = attention_mask_4d(q_slots, kv_slots, valid)
+        write_index, valid, positions, mask = prepare_inputs(
+            tokens, attention_mask, positions, cache)
         emb_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         wte = nn.Embed(c.vocab_size, c.n_embd, name="wte", embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("vocab", "embed")), **emb_kw)
@@ -165,7 +150,7 @@ class GPT2LMHeadModel(nn.Module):
         out = x if return_hidden else wte.attend(x)
         if cache is None:
             return out
-        new_cache.update(index=write_index + t, valid=valid)
+        new_cache.update(index=write_index + tokens.shape[1], valid=valid)
         return out, new_cache
 
 

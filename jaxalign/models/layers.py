@@ -181,3 +181,29 @@ def default_positions(attention_mask):
     Works for left and right padding."""
     am = attention_mask.astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(am, axis=-1) - 1, 0)
+
+
+def prepare_inputs(tokens, attention_mask, positions, cache, *, sliding_window=None):
+    """Shared decoder preamble: (write_index, valid [B, S], positions [B, T], mask [B, 1, T, S]).
+
+    Without a cache, keys are the T input slots; with one, the T new tokens are written at
+    `cache['index']` and attend over all S cache slots that hold real tokens.
+    """
+    b, t = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.bool_)
+    attention_mask = attention_mask.astype(jnp.bool_)
+    if cache is None:
+        write_index = 0
+        valid = attention_mask
+        q_slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+        kv_slots = q_slots
+    else:
+        write_index = cache["index"]
+        valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, write_index))
+        q_slots = jnp.broadcast_to(write_index + jnp.arange(t), (b, t))
+        kv_slots = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
+    if positions is None:
+        positions = jnp.take_along_axis(default_positions(valid), q_slots, axis=1)
+    mask = attention_mask_4d(q_slots, kv_slots, valid, sliding_window=sliding_window)
+    return write_index, valid, positions, mask

@@ -21,8 +21,7 @@ import jax.numpy as jnp
 
 from jaxalign.models.config import LlamaConfig
 from jaxalign.models.layers import (
-    Linear, RMSNorm, apply_rope, attention_mask_4d, default_positions, dot_product_attention,
-    rope_inv_freq,
+    Linear, RMSNorm, apply_rope, dot_product_attention, prepare_inputs, rope_inv_freq,
 )
 
 Dtype = Any
@@ -131,24 +130,8 @@ class LlamaForCausalLM(nn.Module):
     def __call__(self, tokens, *, attention_mask=None, positions=None, cache=None,
                  deterministic: bool = True, return_hidden: bool = False):
         c = self.config
-        b, t = tokens.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), jnp.bool_)
-        attention_mask = attention_mask.astype(jnp.bool_)
-        if cache is None:
-            write_index = 0
-            valid = attention_mask
-            q_slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-            kv_slots = q_slots
-        else:
-            write_index = cache["index"]
-            valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, write_index))
-            q_slots = jnp.broadcast_to(write_index + jnp.arange(t), (b, t))
-            kv_slots = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
-        if positions is None:
-            all_pos = default_positions(valid)
-            positions = jnp.take_along_axis(all_pos, q_slots, axis=1)
-        mask = attention_mask_4d(q_slots, kv_slots, valid, sliding_window=c.sliding_window)
+        write_index, valid, positions, mask = prepare_inputs(
+            tokens, attention_mask, positions, cache, sliding_window=c.sliding_window)
 
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.with_logical_partitioning(
@@ -174,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
                          param_dtype=self.param_dtype, name="lm_head")(x)
         if cache is None:
             return out
-        new_cache.update(index=write_index + t, valid=valid)
+        new_cache.update(index=write_index + tokens.shape[1], valid=valid)
         return out, new_cache
 
 

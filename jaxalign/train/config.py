@@ -27,7 +27,8 @@ def base_config() -> mlc.ConfigDict:
     c.data = mlc.ConfigDict(dict(
         source="synthetic:preference", eval_source="", num_examples=2048, eval_examples=256,
         max_length=32, max_prompt_length=0, truncation_mode="keep_start", pad_to_multiple_of=8,
-        on_error="raise", synthetic=mlc.ConfigDict(dict(digits=2, operators="+"))))
+        on_error="raise", synthetic=mlc.ConfigDict(dict(digits=2, operators="+", error="digit",
+                                      wrong_fraction=0.0))))
     c.aux_sft = mlc.ConfigDict(dict(source="", lambda_sft=0.0, num_examples=1024, batch_size=16))
 
     c.loss = mlc.ConfigDict(dict(name="dpo", beta=0.1))

@@ -361,4 +361,5 @@ def run(config) -> dict[str, Any]:
         plot_metrics(out_dir, export["plot"])
     return {"output_dir": out_dir, "history": history, "eval": last_eval, "export": export,
             "model": model, "variables": variables, "tokenizer": tokenizer, "state": state,
-            "reference": reference, "mesh": mesh, "task": task, "tax": tax}
+            "reference": reference, "mesh": mesh, "task": task, "tax": tax,
+            "nspo_basis": frozen.get("nspo")}

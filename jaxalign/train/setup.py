@@ -75,6 +75,11 @@ class DataBundle:
     aux_collate: Any | None = None
 
 
+# Which `data.synthetic` keys each synthetic maker takes (the rest go to sample_problems).
+_PROBLEM_KEYS = {"digits", "operators", "allow_negative", "conversational"}
+_MAKER_KEYS = {"sft": {"wrong_fraction", "error"}, "preference": {"error"},
+               "kto": {"desirable_fraction"}, "prompt": set()}
+
 SYNTHETIC = {
     "sft": lambda n, seed, **kw: jdata.make_sft_dataset(n, seed=seed, **kw),
     "preference": lambda n, seed, **kw: jdata.make_preference_dataset(n, seed=seed, **kw),
@@ -89,7 +94,9 @@ def load_rows(source: str, *, n: int, seed: int, split: str, synthetic_kwargs: d
         kind = source.split(":", 1)[1]
         if kind not in SYNTHETIC:
             raise ValueError(f"data source {source!r}: synthetic kinds are {list(SYNTHETIC)}")
-        return SYNTHETIC[kind](n, seed, split=split, **synthetic_kwargs)
+        keys = _PROBLEM_KEYS | _MAKER_KEYS[kind]
+        return SYNTHETIC[kind](n, seed, split=split,
+                               **{k: v for k, v in synthetic_kwargs.items() if k in keys})
     ds, report = jdata.load_dataset(source, split=split, on_error=on_error)
     print(f"[data] {source}: {report}")
     return ds
