@@ -23,10 +23,17 @@ def get_config(arg=None):
     c.train.steps = 200
     c.train.batch_size = 32
     if variant == "demo":
-        c.data.num_examples = 4096
-        c.data.synthetic.wrong_fraction = 0.4
-        c.train.steps = 350
+        # 30% of the demonstrations are wrong in one digit; the model is big enough to learn
+        # 2-digit addition from clean data in ~1000 steps, the noise keeps it well short of that.
+        c.model.init.update(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
+        c.data.num_examples = 8000
+        c.data.synthetic.wrong_fraction = 0.3
+        c.train.steps = 1200
+        c.train.batch_size = 64
+        c.train.log_every = 50
+        c.optim.warmup_steps = 50
         c.train.eval_every = 0
+        c.train.checkpoint_every = 400
         c.eval.task_accuracy = True
     elif variant in ("lora", "qlora"):
         c.lora.enabled = True

@@ -2,9 +2,10 @@
 
   python -m jaxalign.demo [--out runs/demo] [--quick]
 
-1. A tiny Llama (random init) learns 2-digit addition by SFT from demonstrations of which 40% are
-   deliberately wrong (one digit off).
-2. DPO aligns it on (correct, incorrect) answer pairs, with the SFT model as reference.
+1. A tiny Llama (random init, 0.8M parameters) learns 2-digit addition by SFT from
+   demonstrations of which 30% are deliberately wrong (one digit off).
+2. DPO aligns it on (correct, incorrect) answer pairs, with the SFT model as reference and the
+   chosen-answer NLL term of RPO/IRPO (TRL's `rpo_alpha`).
 3. Held-out accuracy (greedy decoding, exact match on prompts never seen in training) is printed
    before and after alignment and plotted to <out>/accuracy.png; curves go to <out>/*/metrics.png.
 """
@@ -26,7 +27,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    quick = {"train.steps": 20, "data.num_examples": 512, "eval.num_prompts": 32,
+    quick = {"train.steps": 10, "data.num_examples": 512, "eval.num_prompts": 32,
              "train.checkpoint_every": 10} if args.quick else {}
     sft_cfg = load_config("experiments/sft.py:demo", {
         "output_dir": os.path.join(args.out, "sft"), "train.resume": False, **quick})

@@ -45,7 +45,8 @@ def base_config() -> mlc.ConfigDict:
         steps=100, batch_size=16, grad_accum=1, vocab_chunk=0, log_every=10, eval_every=50,
         eval_batches=4, checkpoint_every=50, keep_checkpoints=2, async_checkpoint=True, resume=True,
         tensorboard=True, progress=True, plots=True,
-        stop_after=0))  # stop_after > 0: leave the loop after that many steps (preemption drill)
+        stop_after=0,  # > 0: leave the loop after that many steps (a preemption drill)
+        rpo_alpha=0.0))  # preference runs: + rpo_alpha * chosen NLL (TRL's rpo_alpha)
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.export = mlc.ConfigDict(dict(hf_dir=True, peft=True))
     c.eval = mlc.ConfigDict(dict(task_accuracy=False, num_prompts=200, max_new_tokens=6))

@@ -37,6 +37,7 @@ class ObjectiveSpec:
     average_logps: bool = False  # pass length-normalised log-probs to the loss (IPO as in TRL)
     vocab_chunk: int | None = None  # chunked log-prob path from hidden states
     lambda_sft: float = 0.0  # auxiliary SFT mixing on a second batch (`sft_*` keys)
+    rpo_alpha: float = 0.0  # + rpo_alpha * NLL of the chosen response (TRL's rpo_alpha; IRPO)
 
     def __post_init__(self):
         if self.kind not in ("sft", "preference", "kto", "reward"):
@@ -135,7 +136,14 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
             avail["ref_chosen_logps"], avail["ref_rejected_logps"] = rseq[:b], rseq[b:]
         losses, metrics = _call_loss(spec.loss_fn, hp, avail)
         metrics = _mean_metrics(metrics)
-        return jnp.mean(losses), metrics, lengths.sum()
+        loss = jnp.mean(losses)
+        if spec.rpo_alpha:
+            # Pang et al. 2024 (Iterative RPO): the chosen NLL keeps DPO from lowering the
+            # likelihood of correct answers; token-mean over the batch's chosen tokens as in TRL.
+            nll = -jnp.sum(tok[:b]) / jnp.maximum(m[:b].sum(), 1)
+            metrics = {**metrics, "nll_loss": nll, "loss/preference": loss}
+            loss = loss + spec.rpo_alpha * nll
+        return loss, metrics, lengths.sum()
 
     def kto(trainable, frozen, batch, rng, deterministic):
         from jaxalign.losses.kto import kto_kl_estimate

@@ -184,7 +184,8 @@ def run(config) -> dict[str, Any]:
         kind=kind, loss_fn=REGISTRY[loss_name], loss_kwargs=setup.loss_hparams(config.loss),
         reference=reference, average_logps=loss_name in setup.AVERAGE_LOGPS,
         vocab_chunk=config.train.vocab_chunk or None,
-        lambda_sft=float(config.aux_sft.lambda_sft) if data.aux_sft is not None else 0.0)
+        lambda_sft=float(config.aux_sft.lambda_sft) if data.aux_sft is not None else 0.0,
+        rpo_alpha=float(config.train.rpo_alpha))
     objective = make_objective(model, obj_spec, score_fn=make_score_fn(model) if kind == "reward" else None)
 
     total = config.train.steps
