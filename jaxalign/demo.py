@@ -26,6 +26,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/demo", help="output directory")
     ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     args = ap.parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs each checkpoint step at INFO
     t0 = time.time()
     quick = {"train.steps": 10, "data.num_examples": 512, "eval.num_prompts": 32,
              "train.checkpoint_every": 10} if args.quick else {}
