@@ -9,15 +9,20 @@
 What is measured (held-out prompts only, greedy exact match, jaxalign/analysis/tax.py):
 - capability = accuracy on 2-digit *subtraction*, a skill the SFT stage taught and the alignment
   data never shows (`tax.capability_*`);
-- alignment = accuracy on 2-digit *addition*, the task the preference pairs (correct answer vs an
-  answer wrong in one digit) align (`tax.alignment_*`).
-The alignment tax is the drop in capability; the alignment gain the rise in alignment accuracy.
+- alignment = the mean log-probability margin log pi(correct) - log pi(wrong) on held-out 2-digit
+  *addition* pairs (correct answer vs an answer wrong in one digit), the task the preference data
+  aligns (`preference/pref_margin`; its change is the mean DPO implicit-reward margin / beta).
+  Also recorded: the policy's own preference accuracy on those pairs and greedy accuracy on addition
+  (`alignment/accuracy`), which DPO can *lower* (likelihood displacement, see
+  notebooks/learning_dynamics.ipynb).
+The alignment tax is the drop in capability; the alignment gain the rise in the margin.
 
 Variants:
-  sft      a tiny Llama learns '+' and '-' from demonstrations (30% wrong in one digit)
+  sft      a tiny 4-layer Llama learns '+' and '-' from correct demonstrations
   dpo      DPO on '+' pairs from the SFT model (full fine-tuning, frozen reference)
   aux_sft  dpo + lambda_sft * NLL on correct '+'/'-' demonstrations (`aux_sft`, lambda 0.1)
-  nspo     dpo with updates projected onto the null space of the subtraction gradients (`nspo`)
+  nspo     dpo with updates projected onto the null space of the subtraction gradients (`nspo`,
+           per-matrix rank 8, projecting the optimizer's updates)
   lora     dpo with a LoRA adapter (rank 8); append ',nspo' / ',aux_sft' to combine
 Modifiers after a comma combine: 'dpo,aux_sft,nspo'.
 """
@@ -37,6 +42,7 @@ def _common(c):
     c.tax.alignment_source = "synthetic:sft"
     c.tax.alignment_synthetic = mlc.ConfigDict(ALIGNMENT)
     c.tax.preference_source = "synthetic:preference"
+    c.tax.alignment_metric = "preference/pref_margin"
     c.tax.num_examples = 256
     c.train.eval_every = 0
     c.train.tensorboard = False
@@ -53,7 +59,8 @@ def get_config(arg=None):
         c.loss = loss_config("sft")
         c.reference.mode = "none"
         c.data.source = "synthetic:sft"
-        c.data.synthetic = mlc.ConfigDict(dict(digits=2, operators="+-", wrong_fraction=0.3))
+        c.data.synthetic = mlc.ConfigDict(dict(digits=2, operators="+-", wrong_fraction=0.0))
+        c.model.init.num_hidden_layers = 4  # enough layers for layer-wise averaging schedules
         c.data.num_examples = 8192
         c.optim.learning_rate = 3e-3
         c.optim.warmup_steps = 50
@@ -68,7 +75,7 @@ def get_config(arg=None):
     c.data.source = "synthetic:preference"
     c.data.synthetic = mlc.ConfigDict(ALIGNMENT)
     c.data.num_examples = 4096
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = 1e-4
     c.optim.warmup_steps = 10
     c.train.steps = 300
     c.train.batch_size = 32
@@ -81,7 +88,7 @@ def get_config(arg=None):
     c.nspo.synthetic = mlc.ConfigDict(dict(CAPABILITY, wrong_fraction=0.0))
     c.nspo.num_batches = 8
     c.nspo.batch_size = 32
-    c.nspo.rank = 24
+    c.nspo.rank = 8
     for m in ([name] if name != "dpo" else []) + mods:
         if m == "aux_sft":
             c.aux_sft.lambda_sft = 0.1

@@ -202,22 +202,24 @@ def pair_metrics(scorer: Callable, variables, eval_set: EvalSet, *, batch_size: 
 def alignment_tax(before: Mapping[str, float], after: Mapping[str, float], *,
                   capability: str = "capability/accuracy",
                   alignment: str = "alignment/accuracy",
-                  higher_is_better: bool = True) -> dict[str, float]:
+                  capability_higher_is_better: bool = True,
+                  alignment_higher_is_better: bool = True) -> dict[str, float]:
     """The alignment tax and gain between two metric dicts (flat 'set/metric' keys).
 
     tax = capability(before) - capability(after)       (> 0: capability was lost)
-    gain = alignment(after) - alignment(before)        (> 0: the aligned task improved)
+    gain = alignment(after) - alignment(before)        (> 0: the aligned metric improved)
     relative_tax = tax / |capability(before)| (nan when capability(before) is 0).
-    With `higher_is_better=False` (e.g. an NLL) both signs flip, so a positive tax still means a
-    regression.
+    For a lower-is-better metric (an NLL) set `*_higher_is_better=False`: its sign flips, so a
+    positive tax is still a regression and a positive gain still an improvement.
     """
     for name, d in (("before", before), ("after", after)):
         for key in (capability, alignment):
             if key not in d:
                 raise ValueError(f"alignment_tax: `{name}` has no metric {key!r}; it has {sorted(d)}")
-    sign = 1.0 if higher_is_better else -1.0
-    tax = sign * (float(before[capability]) - float(after[capability]))
-    gain = sign * (float(after[alignment]) - float(before[alignment]))
+    cs = 1.0 if capability_higher_is_better else -1.0
+    al = 1.0 if alignment_higher_is_better else -1.0
+    tax = cs * (float(before[capability]) - float(after[capability]))
+    gain = al * (float(after[alignment]) - float(before[alignment]))
     base = abs(float(before[capability]))
     return {"tax": tax, "gain": gain, "relative_tax": tax / base if base else math.nan,
             "capability_before": float(before[capability]),

@@ -195,7 +195,7 @@ def run(config) -> dict[str, Any]:
                                weight_decay=config.optim.weight_decay, b1=config.optim.b1,
                                b2=config.optim.b2, clip_norm=config.optim.clip_norm or None)
     transforms = {}
-    if config.get("nspo") is not None and config.nspo.enabled:  # null-space projection (analysis/nspo.py)
+    if config.get("nspo") is not None and config.nspo.enabled:  # analysis/nspo.py
         frozen["nspo"], trainable, transforms = _nspo_setup(config, model, tokenizer, trainable, frozen)
     state = jshard.place_on_mesh(init_state(trainable, optimizer, state_rng), mesh)
     frozen = jshard.place_on_mesh(frozen, mesh)

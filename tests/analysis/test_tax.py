@@ -111,9 +111,12 @@ def test_alignment_tax_hand_case():
     assert r["tax"] == pytest.approx(0.1)
     assert r["gain"] == pytest.approx(0.15)
     assert r["relative_tax"] == pytest.approx(0.2)
-    r = tax.alignment_tax(before, after, capability="capability/nll", alignment="capability/nll",
-                          higher_is_better=False)
+    r = tax.alignment_tax(before, after, capability="capability/nll",
+                          capability_higher_is_better=False)
     assert r["tax"] == pytest.approx(0.5)  # the NLL rose: a positive tax
+    assert r["gain"] == pytest.approx(0.15)
+    r = tax.alignment_tax(before, after, alignment="capability/nll", alignment_higher_is_better=False)
+    assert r["gain"] == pytest.approx(-0.5)  # a lower-is-better metric that rose: a negative gain
     assert np.isnan(tax.alignment_tax({**before, "capability/accuracy": 0.0}, after)["relative_tax"])
     with pytest.raises(ValueError, match="alignment/pref_accuracy"):
         tax.alignment_tax(before, after, alignment="alignment/pref_accuracy")
