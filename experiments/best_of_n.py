@@ -2,7 +2,7 @@
 samples N completions per prompt, the highest-reward one is kept (here only if it is correct:
 min_reward=1) and the policy is fine-tuned on the kept completions with the NLL.
 
-  python -m jaxalign.rl --config experiments/best_of_n.py:tiny --config.init_from=runs/sft_rl/hf
+  python -m jaxalign.rl --config experiments/best_of_n.py:tiny --config.init_from=runs/sft_demo/hf
   python -m jaxalign.rl --config experiments/best_of_n.py:tiny --config.rl.group_size=16
 
 Variants: tiny.
@@ -26,5 +26,6 @@ def get_config(arg=None):
     c.rl.epochs = 2
     c.train.batch_size = 32
     c.train.checkpoint_every = 1
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = 1e-4
+    c.optim.warmup_steps = 10
     return c

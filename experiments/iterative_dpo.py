@@ -3,10 +3,12 @@
 dropped), and DPO trains on the round's pairs with the round's starting policy as the reference;
 round k's policy makes round k+1's pairs.
 
-  python -m jaxalign.rl --config experiments/iterative_dpo.py:tiny --config.init_from=runs/sft_rl/hf
+  python -m jaxalign.rl --config experiments/iterative_dpo.py:tiny --config.init_from=runs/sft_demo/hf
   python -m jaxalign.rl --config experiments/iterative_dpo.py:tiny --config.rl.rounds=5
 
-Variants: tiny (reference updated every round), fixed_ref (reference stays the initial policy).
+Variants: tiny (reference updated every round; with the chosen completions' NLL added, rpo_alpha=1,
+as Iterative RPO, Pang et al. 2024, which plain DPO needs on verifiable tasks), dpo (rpo_alpha=0),
+fixed_ref (reference stays the initial policy).
 """
 
 from jaxalign.rl.config import rl_config
@@ -24,9 +26,13 @@ def get_config(arg=None):
     c.rl.ref_update = "round"
     c.train.batch_size = 32
     c.train.checkpoint_every = 1
-    c.optim.learning_rate = 5e-4
+    c.train.rpo_alpha = 1.0
+    c.optim.learning_rate = 1e-4
+    c.optim.warmup_steps = 10
     if variant == "fixed_ref":
         c.rl.ref_update = "never"
+    elif variant == "dpo":
+        c.train.rpo_alpha = 0.0
     elif variant != "tiny":
-        raise ValueError(f"unknown iterative_dpo variant {variant!r}: tiny, fixed_ref")
+        raise ValueError(f"unknown iterative_dpo variant {variant!r}: tiny, dpo, fixed_ref")
     return c

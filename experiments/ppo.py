@@ -1,7 +1,7 @@
 """PPO with a value head on the policy's hidden states, GAE and a per-token KL penalty to the
 reference (the RLHF recipe of Ouyang et al. 2022, as TRL's PPOTrainer), on the synthetic task.
 
-  python -m jaxalign.rl --config experiments/ppo.py:tiny --config.init_from=runs/sft_rl/hf
+  python -m jaxalign.rl --config experiments/ppo.py:tiny --config.init_from=runs/sft_demo/hf
   python -m jaxalign.rl --config experiments/ppo.py:tiny --config.loss.kl_coef=0.02
 
 Variants: tiny (one completion per prompt, 4 PPO epochs over 4 minibatches per round).
@@ -24,4 +24,5 @@ def get_config(arg=None):
     c.loss.kl_coef = 0.02
     c.loss.vf_coef = 0.1
     c.optim.learning_rate = 1e-4
+    c.optim.warmup_steps = 10
     return c

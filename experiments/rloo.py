@@ -1,7 +1,7 @@
 """RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline, the KL to the reference in
 the reward (TRL's RLOOTrainer), on the synthetic arithmetic task.
 
-  python -m jaxalign.rl --config experiments/rloo.py:tiny --config.init_from=runs/sft_rl/hf
+  python -m jaxalign.rl --config experiments/rloo.py:tiny --config.init_from=runs/sft_demo/hf
   python -m jaxalign.rl --config experiments/rloo.py:tiny --config.loss.beta=0.0 \
       --config.reference.mode=none
 
@@ -22,5 +22,6 @@ def get_config(arg=None):
     c.rl.group_size = 8
     c.loss.beta = 0.01
     c.loss.normalize_advantages = True
-    c.optim.learning_rate = 3e-4
+    c.optim.learning_rate = 1e-4
+    c.optim.warmup_steps = 10
     return c

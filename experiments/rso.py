@@ -2,7 +2,7 @@
 policy pi* ∝ pi_sft exp(r / beta) by statistical rejection sampling; accepted samples are paired,
 ranked by the reward, and trained with the hinge loss against the SFT reference.
 
-  python -m jaxalign.rl --config experiments/rso.py:tiny --config.init_from=runs/sft_rl/hf
+  python -m jaxalign.rl --config experiments/rso.py:tiny --config.init_from=runs/sft_demo/hf
   python -m jaxalign.rl --config experiments/rso.py:tiny --config.rl.rso_beta=0.25
   python -m jaxalign.rl --config experiments/rso.py:dpo
 
@@ -26,7 +26,8 @@ def get_config(arg=None):
     c.rl.epochs = 2
     c.train.batch_size = 32
     c.train.checkpoint_every = 1
-    c.optim.learning_rate = 5e-4
+    c.optim.learning_rate = 1e-4
+    c.optim.warmup_steps = 10
     if variant == "dpo":
         c.loss = loss_config("dpo", beta=0.1)
     elif variant != "tiny":

@@ -207,12 +207,15 @@ def jax_batch(s: C.Shapes, *, seed: int):
 
 
 XLA_SWEEP = ("", "--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=true",
-             "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+             "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+             "--xla_cpu_multi_thread_eigen=false")
+SWEEP_ROUNDS = 3
 
 
 # ----------------------------------------------------------------------------- reporting
 PEAK_JAX, PEAK_TORCH = "fp32 matmul peak, JAX", "fp32 matmul peak, torch"
 TRL_1T = "trl, torch.set_num_threads(1)"
+TRL_PRE_1T = "trl precomputed, torch.set_num_threads(1)"
 
 
 def peak_fns(smoke: bool):
@@ -295,7 +298,8 @@ def main(argv=None):
         probes, probe_flops, n_peak = peak_fns(args.smoke)
         fns = {"trl": trl_fn, "jaxalign": jx_ref, f"jaxalign vocab_chunk={chunk}": jx_chunk,
                "trl precomputed": trl_pre_fn, "jaxalign precomputed": jx_pre,
-               TRL_1T: with_torch_threads(trl_fn, 1), **probes}
+               TRL_1T: with_torch_threads(trl_fn, 1), TRL_PRE_1T: with_torch_threads(trl_pre_fn, 1),
+               **probes}
         times = C.alternate(fns, steps=steps, warmup=warmup)
     m["uptime_end"] = C.load_average()
 
@@ -308,6 +312,7 @@ def main(argv=None):
                                               xla_flops=info_chunk["xla_flops"]),
         TRL_1T: dict(flops=f_ref, baseline="trl", lib="torch"),
         "trl precomputed": dict(flops=f_pre, baseline="trl precomputed", lib="torch"),
+        TRL_PRE_1T: dict(flops=f_pre, baseline="trl precomputed", lib="torch"),
         "jaxalign precomputed": dict(flops=f_pre, baseline="trl precomputed", lib="jax",
                                      xla_flops=info_pre["xla_flops"]),
     }
@@ -322,6 +327,8 @@ def main(argv=None):
         "speedup_jaxalign_precomputed_vs_trl": med["trl"] / med["jaxalign precomputed"],
         "best_jaxalign_vs_trl": med["trl"] / best,
         "speedup_vs_best_trl": min(med["trl"], med[TRL_1T]) / med["jaxalign"],
+        "speedup_precomputed_vs_best_trl_precomputed":
+            min(med["trl precomputed"], med[TRL_PRE_1T]) / med["jaxalign precomputed"],
         "fraction_of_peak": f_ref / med["jaxalign"] / peak["jax"],
         "fraction_of_peak_precomputed": f_pre / med["jaxalign precomputed"] / peak["jax"],
         "sanity": {"jaxalign_first_loss": info_ref["first_loss"], "trl_first_loss": first_trl,
@@ -332,11 +339,15 @@ def main(argv=None):
     if args.xla_sweep:
         here = str(Path(__file__).resolve())
         wargs = ["--smoke"] if args.smoke else []
-        for rnd in range(2):  # two rounds, alternating flag sets
+        per_flag = {f: [] for f in XLA_SWEEP}
+        for _ in range(SWEEP_ROUNDS):  # rounds of fresh processes, alternating flag sets
             for flags in XLA_SWEEP:
-                r = C.run_worker(here, wargs + ["--steps", str(steps)], extra_xla_flags=flags)
-                sweep_rows.append([flags or "(default)", rnd, r["median_s"] * 1e3, tokens / r["median_s"]])
-        numbers["xla_sweep"] = sweep_rows
+                r = C.run_worker(here, wargs + ["--steps", str(max(2, steps // 2))], extra_xla_flags=flags)
+                per_flag[flags].append(r["median_s"])
+        for flags, ts in per_flag.items():
+            sweep_rows.append([flags or "(default)", " / ".join(f"{t * 1e3:.0f}" for t in ts),
+                               C.median(ts) * 1e3, tokens / C.median(ts)])
+        numbers["xla_sweep"] = {f or "(default)": ts for f, ts in per_flag.items()}
 
     parts = [
         shapes_line(s, steps, warmup),
@@ -351,8 +362,10 @@ def main(argv=None):
         f"Load at end: `{m['uptime_end']}`.",
     ]
     if sweep_rows:
-        parts.append("XLA CPU flag sweep (jaxalign step only, one fresh process per row, two rounds):\n\n"
-                     + C.table(["XLA_FLAGS", "round", "median step ms", "tokens/s"], sweep_rows))
+        parts.append(f"XLA CPU flag sweep (jaxalign step with reference model only; one fresh process per "
+                     f"flag set and round, {SWEEP_ROUNDS} rounds alternating the flag sets):\n\n"
+                     + C.table(["XLA_FLAGS", "per-round median step ms", "median of rounds ms",
+                                "tokens/s"], sweep_rows))
     return C.finish(args, "dpo_step", "DPO step, full fine-tune: jaxalign vs TRL", argv, m, parts, numbers)
 
 

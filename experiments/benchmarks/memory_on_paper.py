@@ -21,8 +21,9 @@ Sharding: subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=N c
 step on an fsdp mesh of N emulated devices (params/adapters/optimizer sharded by logical axis,
 NF4 buffers split along their flat axis, batch split). An analytic model (parameters, gradients,
 optimizer, activations) extends per-device bytes to fsdp sizes 1..256.
-Note: XLA's CPU backend decides temporaries for CPU (e.g. bf16 dots may be computed through fp32
-copies), so the compiled temp bytes are an estimate of what an accelerator would need.
+Note: XLA's CPU backend decides temporaries for CPU: it computes bf16 dots in fp32 and keeps a
+dequantized copy of every layer's kernel alive (see `dequant_probe`), so the compiled QLoRA temp
+bytes overstate what a schedule that dequantizes one layer at a time needs; both are reported.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ def nf4_sharding(q, mesh):
                                offset=None if q.offset is None else rep)
 
 
-def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: int, chunk: int) -> dict:
+def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: int, chunk: int, *,
+                 reference: str | None = None, remat: bool = True) -> dict:
+    """XLA memory analysis of one jitted DPO step on abstract inputs (`reference` overrides the
+    method's default reference mode; 'precomputed' adds the two log-prob vectors to the batch)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -156,7 +160,7 @@ def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: 
                       max_position_embeddings=max(4096, seq))
     qlora = method == "qlora"
     model = build_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16 if qlora else jnp.float32,
-                        remat=True)
+                        remat=remat)
     boxed = abstract_params(model)
     import flax.linen as nn
 
@@ -171,15 +175,19 @@ def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: 
         model = model.clone(lora=spec)
         adapters = jax.eval_shape(lambda p: init_lora(p, spec, key), params)
         base = jax.eval_shape(quantize_params, params)
-        trainable, frozen, reference = {"lora": adapters}, {"params": base}, "base"
+        trainable, frozen, default_ref = {"lora": adapters}, {"params": base}, "base"
     else:
         ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
-        trainable, frozen, reference = {"params": params}, {"ref_params": ref}, "model"
+        trainable, frozen, default_ref = {"params": params}, {"ref_params": ref}, "model"
+    reference = reference or default_ref
+    if reference == "precomputed":
+        frozen = {k: v for k, v in frozen.items() if k != "ref_params"}
     state = jax.eval_shape(lambda t: init_state(t, optimizer, key), trainable)
-    n_seq = 2 * pairs * fsdp  # global batch: `pairs` per device
     tok = jax.ShapeDtypeStruct((pairs * fsdp, seq), jnp.int32)
     batch = {f"{s}_{k}": tok for s in ("chosen", "rejected") for k in ("tokens", "attention_mask", "loss_mask")}
-    del n_seq
+    if reference == "precomputed":
+        batch.update({f"ref_{s}_logps": jax.ShapeDtypeStruct((pairs * fsdp,), jnp.float32)
+                      for s in ("chosen", "rejected")})
 
     if mesh is not None:
         psh = jshard.param_shardings(boxed, mesh)
@@ -195,12 +203,12 @@ def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: 
         opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, state["opt_state"], tr_sh,
                                        transform_non_params=lambda _: rep)
         state_sh = {"step": rep, "trainable": tr_sh, "opt_state": opt_sh, "rng": rep}
-        bsh = jshard.batch_sharding(mesh, 2)
         attach = lambda t, s: jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
         state = attach(state, state_sh)
         frozen = attach(frozen, frozen_sh)
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in batch.items()}
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jshard.batch_sharding(mesh, len(v.shape)))
+                 for k, v in batch.items()}
     else:
         state_sh = None
     objective = make_objective(model, ObjectiveSpec(kind="preference", loss_fn=dpo_loss,
@@ -218,6 +226,30 @@ def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: 
     out = {k: int(getattr(ma, k + "_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     out["compile_s"] = time.perf_counter() - t0
+    return out
+
+
+def dequant_probe(d: int, layers=(1, 2)) -> dict:
+    """XLA CPU temp bytes of a forward-only chain x <- tanh(x @ dequantize_nf4(Q_i)) over L NF4
+    [d, d] kernels (bf16, 1024 tokens). A memory-optimal schedule needs one dequantized kernel at a
+    time; the growth per layer shows what the CPU backend keeps instead."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxalign.quant import dequantize_nf4, quantize_nf4
+
+    out = {}
+    for n_layers in layers:
+        qs = [jax.eval_shape(lambda w: quantize_nf4(w, transposed=True), jax.ShapeDtypeStruct((d, d), jnp.bfloat16))
+              for _ in range(n_layers)]
+
+        def f(x, qs):
+            for q in qs:
+                x = jnp.tanh(x @ dequantize_nf4(q, jnp.bfloat16))
+            return x.sum()
+
+        ma = jax.jit(f).lower(jax.ShapeDtypeStruct((1024, d), jnp.bfloat16), qs).compile().memory_analysis()
+        out[n_layers] = int(ma.temp_size_in_bytes)
     return out
 
 
@@ -265,12 +297,13 @@ def main(argv=None):
     raw = {}
     for fsdp in [1] + fsdp_sizes:
         idx = range(len(archs)) if fsdp == 1 else sharded
-        jobs = [[i, meth, L] for i in idx for meth in METHODS for L in (1, 2)]
+        methods = ("full",) if args.smoke and fsdp > 1 else METHODS  # smoke: keep CI short
+        jobs = [[i, meth, L] for i in idx for meth in methods for L in (1, 2)]
         r = C.run_worker(here, extra + ["--fsdp", str(fsdp), "--jobs", json.dumps(jobs)],
                          devices=fsdp, timeout=3600)
         by = {(ai, meth, L): v for ai, meth, L, v in r["results"]}
         for i in idx:
-            for meth in METHODS:
+            for meth in methods:
                 m1, m2 = by[(i, meth, 1)], by[(i, meth, 2)]
                 compiled[(i, meth, fsdp)] = extrapolate(m1, m2, archs[i].layers)
                 raw[f"{archs[i].name}|{meth}|fsdp{fsdp}"] = {"L1": m1, "L2": m2}
@@ -282,8 +315,12 @@ def main(argv=None):
         an = analytic(a, meth, fsdp, seq, PAIRS, chunk)
         l1 = raw[f"{a.name}|{meth}|fsdp{fsdp}"]["L1"]
         l2 = raw[f"{a.name}|{meth}|fsdp{fsdp}"]["L2"]
+        per_layer = (l2["temp"] - l1["temp"]) / (counts(a)["layer_linear"] / fsdp)
         rows_c.append([a.name, meth, fsdp, v["argument"] / GB, v["temp"] / GB, v["peak"] / GB,
-                       an["total"] / GB, l1["compile_s"] + l2["compile_s"]])
+                       an["total"] / GB, per_layer, l1["compile_s"] + l2["compile_s"]])
+    probe_d = 256 if args.smoke else 4096
+    probe = dequant_probe(probe_d)
+    probe_growth = probe[2] - probe[1]
     fsdp_all = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     rows_a = []
     for a in archs:
@@ -305,6 +342,9 @@ def main(argv=None):
         if a.name.startswith("65B") and (i, "qlora", 1) in compiled:
             goal = compiled[(i, "qlora", 1)]["peak"] / GB
     numbers["qlora_65b_single_device_gb"] = goal
+    numbers["dequant_probe_temp_bytes"] = probe
+    a65 = [a for a in archs if a.name.startswith("65B")]
+    numbers["qlora_65b_analytic_gb"] = analytic(a65[0], "qlora", 1)["total"] / GB if a65 else None
     parts = [
         f"Per device: {PAIRS} pair ({2 * PAIRS} sequences) x {seq} tokens, DPO (policy forward+backward, "
         f"reference forward), bf16 compute, remat per block, vocab_chunk={chunk}; LoRA rank {RANK} on "
@@ -313,7 +353,20 @@ def main(argv=None):
         "peak = arguments + outputs - aliased (donated) + temporaries. fsdp > 1: emulated host devices "
         "(one subprocess per size), numbers per device.",
         C.table(["model", "method", "fsdp", "compiled args GB", "compiled temp GB",
-                 "compiled peak GB / device", "analytic GB / device", "compile s (1+2 layers)"], rows_c),
+                 "compiled peak GB / device", "analytic GB / device",
+                 "compiled temp per extra layer, bytes / (layer params / fsdp)", "compile s (1+2 layers)"], rows_c),
+        f"Probe (why the compiled temp grows so fast with depth): XLA CPU temp of a forward-only chain "
+        f"x <- tanh(x @ dequantize_nf4(Q_i)) over {probe_d} x {probe_d} NF4 kernels: "
+        + ", ".join(f"{k} layer(s) {v / 1e6:.1f} MB" for k, v in probe.items())
+        + f"; {probe_growth / 1e6:.1f} MB per extra layer = {probe_growth / probe_d ** 2:.1f} bytes per "
+        "kernel element. A schedule that dequantizes each kernel just before its matmul needs one "
+        "kernel at a time; XLA's CPU backend (computing bf16 dots in fp32) keeps a dequantized fp32 copy "
+        "of every layer's kernel for the whole program (the same growth with an optimization barrier "
+        "tying each dequantization to the layer input, with remat, and with YNNPACK fusion off: "
+        "checked by hand). The compiled column for QLoRA is dominated by this term; the analytic "
+        "column assumes one dequantized layer at a time (what bitsandbytes' per-layer dequantization "
+        "holds). Whether an accelerator backend's schedule achieves that could not be checked: no "
+        "accelerator was available in this session.",
         "Analytic per-device bytes by component at fsdp = 1 (GB; weights: NF4 at 4.127 bits + bf16 "
         "embedding/LM head/norms for QLoRA, fp32 master for full FT):",
         C.table(["model", "method", "params (B)", "LoRA params (M)", "weights", "adapters", "grads",
@@ -323,8 +376,11 @@ def main(argv=None):
         C.table(["model", "method"] + [f"fsdp {n}" for n in fsdp_all], rows_a),
     ]
     if goal is not None:
-        parts.append(f"65B QLoRA DPO step on one device: compiled-extrapolated peak {goal:.1f} GB "
-                     f"({'fits' if goal <= 48 else 'does NOT fit'} in 48 GB).")
+        an65 = numbers["qlora_65b_analytic_gb"]
+        parts.append(f"Goal, 65B QLoRA DPO step on one 48 GB device: analytic {an65:.1f} GB "
+                     f"({'fits' if an65 <= 48 else 'does NOT fit'}); XLA-CPU compiled and extrapolated "
+                     f"{goal:.1f} GB ({'fits' if goal <= 48 else 'does NOT fit'}), the difference being the "
+                     "per-layer dequantized kernels the CPU backend keeps alive (probe above).")
     parts.append(f"Load at end: `{m['uptime_end']}`.")
     return C.finish(args, "memory_on_paper", "Memory on paper: 7B-70B DPO steps (QLoRA, full fine-tune)",
                     argv, m, parts, numbers)

@@ -37,8 +37,6 @@ def worker(argv):
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-
     from jaxalign import sharding as jshard
     from jaxalign.losses import dpo_loss
     from jaxalign.models import LlamaConfig, abstract_params, build_model, init_params
@@ -67,14 +65,12 @@ def worker(argv):
         learning_rate=1e-3, total_steps=1000, schedule="constant"), clip_norm=1.0)
     batches = [jax_batch(s, seed=j) for j in range(2)]
 
-    def run(mesh):
+    def runner(mesh):
+        """A step closure over its own state; each call runs one step and records the loss."""
         if mesh is None:
             dev = jax.devices()[0]
             place = lambda t: jax.device_put(t, dev)
-            params = place(params0)
-            ref = place(params0)
-            put_batch = place
-            state_sh = None
+            params, ref, put_batch, state_sh = place(params0), place(params0), place, None
         else:
             sh = jshard.param_shardings(boxed, mesh)
             params = jax.tree.map(jax.device_put, params0, sh)
@@ -83,30 +79,31 @@ def worker(argv):
         state = init_state({"params": params}, optimizer, jax.random.PRNGKey(1))
         if mesh is not None:
             # scalars (step, rng, Adam's count) come out of init_state on one device: replicate them
-            rep = jshard.replicated(mesh)
-            state_sh = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else rep, state)
-            state = jax.tree.map(jax.device_put, state, state_sh)
+            state = jshard.place_on_mesh(state, mesh)
+            state_sh = jax.tree.map(lambda x: x.sharding, state)
         step = make_train_step(objective, optimizer, state_shardings=state_sh)
         frozen = {"ref_params": ref}
         dev_batches = [put_batch(b) for b in batches]
-        losses, times = [], []
-        import time
+        h = {"state": state, "losses": []}
 
-        for i in range(a.steps + WARMUP):  # step 0 compiles; step 1 may recompile (committed inputs)
-            t0 = time.perf_counter()
-            state, metrics = step(state, frozen, dev_batches[i % len(dev_batches)])
-            jax.block_until_ready((state, metrics))
-            if i >= WARMUP:
-                times.append(time.perf_counter() - t0)
-            losses.append(float(metrics["loss"]))
-        per_dev = jshard.per_device_bytes(state["trainable"]) + jshard.per_device_bytes(state["opt_state"])
-        return losses, times, per_dev
+        def one():
+            i = len(h["losses"])
+            h["state"], metrics = step(h["state"], frozen, dev_batches[i % len(dev_batches)])
+            jax.block_until_ready((h["state"], metrics))
+            h["losses"].append(float(metrics["loss"]))
 
-    single = run(None)
-    out = {"devices": n_dev, "tokens_per_step": s.tokens_per_step, "single": single}
-    for kind in ("data", "fsdp"):
-        mesh = jshard.make_mesh(data=n_dev, fsdp=1) if kind == "data" else jshard.make_mesh(data=1, fsdp=n_dev)
-        out[kind] = run(mesh)
+        return one, h
+
+    meshes = {"single": None, "data": jshard.make_mesh(data=n_dev, fsdp=1),
+              "fsdp": jshard.make_mesh(data=1, fsdp=n_dev)}
+    runners = {k: runner(m) for k, m in meshes.items()}
+    # step 0 compiles, step 1 may recompile (committed inputs); then all three interleaved
+    times = C.alternate({k: r[0] for k, r in runners.items()}, steps=a.steps, warmup=WARMUP)
+    out = {"devices": n_dev, "tokens_per_step": s.tokens_per_step}
+    for k, (_, h) in runners.items():
+        st = h["state"]
+        per_dev = jshard.per_device_bytes(st["trainable"]) + jshard.per_device_bytes(st["opt_state"])
+        out[k] = (h["losses"], times[k], per_dev)
     C.emit(out)
 
 
@@ -143,9 +140,10 @@ def main(argv=None):
         f"Model: vocab {s.vocab}, hidden {s.hidden}, {s.layers} layers, {s.heads} heads, intermediate "
         f"{s.intermediate}, fp32; global batch {s.pairs} pairs x {s.seq_len} tokens; DPO with reference "
         f"model; AdamW lr 1e-3 (params move, so later losses depend on earlier updates); {steps + WARMUP} "
-        f"steps, the first {WARMUP} (compile) untimed. One fresh process per device count.",
+        f"steps, the first {WARMUP} (compile) untimed; single-device, data and fsdp steps interleaved "
+        "round by round in one fresh process per device count.",
         C.table(["devices", "mesh", "max |loss - single-device loss| over steps", "median step ms",
-                 "tokens/s", "single-device step ms (same process)", "params+opt MiB per device",
+                 "tokens/s", "single-device step ms (same process, interleaved)", "params+opt MiB per device",
                  "single-device MiB"], rows),
         "Emulated host devices share the same CPU cores, so tokens/s does not grow with the device count "
         "here; fsdp's per-device params+optimizer bytes fall ~1/N (dimensions not divisible by N, and "

@@ -15,7 +15,9 @@ section, and a `loss` section holding the method's hyperparameters.
   min_reward         best-of-N keeps a group's best completion only if its reward >= this
   eval_every         held-out task accuracy every this many rounds (0 = before/after only)
 `train.batch_size` is rows per update (0 = all rows of the round); `train.checkpoint_every`
-counts rounds.
+counts rounds; `train.rpo_alpha` adds the chosen completions' NLL to a pairwise loss (RPO), as in
+offline preference runs. The learning-rate schedule spans an upper bound on the number of updates
+(rounds * epochs * minibatches of the largest possible round).
 """
 
 from __future__ import annotations

@@ -88,10 +88,16 @@ def _call_loss(fn, kwargs, available):
 
 
 def make_preference_objective(model, *, loss_fn: Callable, loss_kwargs: dict | None = None,
-                              average_logps: bool = False, temperature: float = 1.0):
+                              average_logps: bool = False, rpo_alpha: float = 0.0,
+                              temperature: float = 1.0):
     """objective(trainable, frozen, batch, rng, deterministic) -> (loss, metrics) for a pairwise
     loss on sampled pairs. batch: {chosen,rejected}_{tokens,attention_mask,loss_mask} [P, L],
-    ref_chosen_logps, ref_rejected_logps, weight [P]. Metrics are weighted means (TRL names)."""
+    ref_chosen_logps, ref_rejected_logps, weight [P]. Metrics are weighted means (TRL names).
+
+    rpo_alpha > 0 adds the chosen completions' token-mean NLL (TRL's `rpo_alpha`; Iterative RPO,
+    Pang et al. 2024, arXiv:2404.19733, for verifiable-reward tasks):
+        loss = sum_i w_i l_i / sum_i w_i + rpo_alpha * sum_{i,t} w_i m_it (-logp_it) / sum w_i m_it
+    """
     hp = dict(loss_kwargs or {})
 
     def objective(trainable, frozen, batch, rng, deterministic=False):
@@ -115,6 +121,11 @@ def make_preference_objective(model, *, loss_fn: Callable, loss_kwargs: dict | N
         denom = jnp.maximum(jnp.sum(w), 1.0)
         loss = jnp.sum(w * losses) / denom
         out = {k: jnp.sum(w * jnp.asarray(v, jnp.float32)) / denom for k, v in metrics.items()}
+        if rpo_alpha:
+            wc = w[:, None] * mask[:p]
+            nll = -jnp.sum(wc * tok[:p]) / jnp.maximum(jnp.sum(wc), 1.0)
+            out.update({"loss/preference": loss, "nll_loss": nll})
+            loss = loss + rpo_alpha * nll
         wt = jnp.concatenate([w, w])[:, None] * mask
         out.update(loss=loss, entropy=jnp.sum(wt * entropy) / jnp.maximum(jnp.sum(wt), 1.0),
                    num_tokens=jnp.sum(wt))

@@ -17,7 +17,7 @@ so every array has one shape per run and each jitted function compiles once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -207,7 +207,3 @@ def rollout_metrics(rollout: Rollout, *, eos_id: int | Sequence[int]) -> dict[st
     m.update(reward_metrics(rollout.rewards, rollout.reward_parts))
     return m
 
-
-def ensure_jnp(batch: dict[str, Any]) -> dict[str, Any]:
-    """Numpy arrays -> jax arrays (leaves that are not arrays are dropped)."""
-    return {k: jnp.asarray(v) for k, v in batch.items() if isinstance(v, (np.ndarray, jax.Array))}

@@ -75,7 +75,7 @@ def make_trainer(config, model, tokenizer) -> trainers.Trainer:
             pair_selection="rso" if name == "rso" else rl.pair_selection,
             drop_ties=name != "online_dpo", rso_beta=rl.rso_beta,
             rso_num_samples=rl.rso_num_samples, ref_update=rl.ref_update,
-            temperature=rl.temperature, name=name, **common)
+            rpo_alpha=float(config.train.rpo_alpha), temperature=rl.temperature, name=name, **common)
     if name == "best_of_n":
         return trainers.best_of_n_trainer(model, group_size=rl.group_size,
                                           min_reward=_opt(rl.min_reward), **common)
@@ -152,9 +152,10 @@ def run(config) -> dict[str, Any]:
     if mode == "none" and needs_ref:
         raise ValueError(f"rl.trainer={rl.trainer!r} with these settings needs a reference model, "
                          f"but reference.mode='none'")
+    # The reference: a copy of the initial weights, or under LoRA the frozen base (no copy).
     ref_variables = None
-    if mode != "none":
-        ref_variables = {"params": params if lora else jax.tree.map(jnp.copy, params)}
+    if mode != "none" and not lora:
+        ref_variables = {"params": jax.tree.map(jnp.copy, params)}
 
     rm = None
     if rl.reward_model.path and rl.reward_model.weight:
@@ -173,11 +174,13 @@ def run(config) -> dict[str, Any]:
     optimizer = make_optimizer(name=config.optim.name, learning_rate_fn=schedule,
                                weight_decay=config.optim.weight_decay, b1=config.optim.b1,
                                b2=config.optim.b2, clip_norm=config.optim.clip_norm or None)
-    state = init_state(trainable, optimizer, state_rng)
+    # Scalars (step, optimizer counts, RNG) replicated on the mesh: the first update then sees the
+    # shardings later ones see, and the donated step compiles once.
+    state = jshard.place_on_mesh(init_state(trainable, optimizer, state_rng), mesh)
+    frozen = jshard.place_on_mesh(frozen, mesh)
+    if mode != "none" and lora:
+        ref_variables = {"params": frozen["params"]}
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    # Commit every leaf to its sharding so the first update sees what later ones see (the
-    # step's outputs); otherwise uncommitted leaves such as `step` compile the update twice.
-    state = jax.tree.map(jax.device_put, state, state_sh)
     train_step = make_train_step(trainer.objective, optimizer, grad_accum=config.train.grad_accum,
                                  learning_rate_fn=schedule, state_shardings=state_sh)
     top_k = rl.top_k or None

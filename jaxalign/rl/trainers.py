@@ -99,21 +99,22 @@ def preference_trainer(model, *, loss_fn: Callable, loss_kwargs: dict | None = N
                        average_logps: bool = False, group_size: int = 2,
                        pair_selection: str = "best_worst", drop_ties: bool = False,
                        rso_beta: float = 0.5, rso_num_samples: int = 2, epochs: int = 1,
-                       batch_size: int = 0, ref_update: str = "never", temperature: float = 1.0,
-                       name: str = "online_dpo") -> Trainer:
+                       batch_size: int = 0, ref_update: str = "never", rpo_alpha: float = 0.0,
+                       temperature: float = 1.0, name: str = "online_dpo") -> Trainer:
     """Pairs from the policy's samples, judged by the rewards, trained with a pairwise loss.
 
     pair_selection: "best_worst" (highest vs lowest reward of each group: online/iterative DPO)
     or "rso" (statistical rejection sampling, `jaxalign.rl.rejection.rso_pairs`). Tied pairs get
     weight 0 (`drop_ties=False`: one fixed-shape update per round, online DPO) or are dropped
-    (`drop_ties=True`: rounds of many minibatches, iterative DPO / RSO)."""
+    (`drop_ties=True`: rounds of many minibatches, iterative DPO / RSO). rpo_alpha adds the NLL of
+    the chosen completions (Iterative RPO)."""
     if pair_selection not in PAIR_SELECTIONS:
         raise ValueError(f"pair_selection must be one of {PAIR_SELECTIONS}, got {pair_selection!r}")
     if group_size < 2:
         raise ValueError(f"preference pairs need group_size >= 2, got {group_size}")
     objective = online_dpo.make_preference_objective(
         model, loss_fn=loss_fn, loss_kwargs=loss_kwargs, average_logps=average_logps,
-        temperature=temperature)
+        rpo_alpha=rpo_alpha, temperature=temperature)
 
     def build(rollout: Rollout, tools: RoundTools):
         if pair_selection == "rso":
