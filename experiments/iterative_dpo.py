@@ -18,7 +18,7 @@ def get_config(arg=None):
     variant = arg or "tiny"
     c = rl_config("iterative_dpo")
     c.output_dir = f"runs/iterative_dpo_{variant}"
-    c.rl.rounds = 4
+    c.rl.rounds = 8
     c.rl.prompts_per_round = 512
     c.rl.generation_batch = 128
     c.rl.group_size = 8
@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.train.batch_size = 32
     c.train.checkpoint_every = 1
     c.train.rpo_alpha = 1.0
-    c.optim.learning_rate = 1e-4
+    c.optim.learning_rate = 2e-4
     c.optim.warmup_steps = 10
     if variant == "fixed_ref":
         c.rl.ref_update = "never"
