@@ -74,7 +74,9 @@ TRAINERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(TRAINERS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n in ("ppo", "rloo", "best_of_n") else n
+                                  for n in sorted(TRAINERS)])
 def test_a_few_rounds_raise_the_mean_reward(name, toy, tokenizer, prompts):
     trainer = TRAINERS[name](toy[0])
     _, _, hist = _run(trainer, toy, tokenizer, prompts, rounds=12)
