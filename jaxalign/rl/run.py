@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jaxalign import sharding as jshard
 from jaxalign.data import IteratorState
 from jaxalign.losses import REGISTRY
-from jaxalign.models import abstract_params, save_pretrained
+from jaxalign.models import abstract_params
 from jaxalign.rl import trainers
 from jaxalign.rl.loop import run_rounds
 from jaxalign.rl.ppo import init_value_head, make_policy_value_fn
@@ -28,7 +28,7 @@ from jaxalign.rl.rewards import sources_from_weights
 from jaxalign.rl.rollout import PromptStream, make_logps_fn
 from jaxalign.sample import make_sampler
 from jaxalign.train import setup
-from jaxalign.train.optim import make_optimizer, make_schedule
+from jaxalign.train.export import export_run
 from jaxalign.train.step import init_state, make_train_step
 
 NEEDS_REFERENCE = ("ppo", "online_dpo", "iterative_dpo", "rso")
@@ -114,23 +114,13 @@ def run(config) -> dict[str, Any]:
     boxed = abstract_params(model)
     params = jax.tree.map(jax.device_put, params, jshard.param_shardings(boxed, mesh))
 
-    lora, spec = config.lora.enabled, None
+    spec = setup.lora_spec(config.lora, model.config.model_type)
+    lora = spec is not None
     if lora:
-        from jaxalign.peft import LoraSpec, init_lora, lora_targets
+        from jaxalign.peft import init_lora
 
-        targets = config.lora.targets
-        if targets in ("attention", "attention_mlp", "all_linear"):
-            targets = lora_targets(model.config.model_type, targets)
-        spec = LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha, targets=targets,
-                        dropout=config.lora.dropout, use_rslora=config.lora.use_rslora)
         model = model.clone(lora=spec)
-    if config.quant.nf4:
-        if not lora:
-            raise ValueError("quant.nf4=True (QLoRA) needs lora.enabled=True")
-        from jaxalign.quant import quantize_params
-
-        params = quantize_params(params, block_size=config.quant.block_size,
-                                 double_quant=config.quant.double_quant)
+    params = setup.quantize_base(config.quant, params, lora=lora)
     trainable: dict = {}
     frozen: dict = {}
     if lora:
@@ -169,11 +159,7 @@ def run(config) -> dict[str, Any]:
     bs = config.train.batch_size
     rows = rows_per_round(config)
     total = max(1, rl.rounds * rl.epochs * (math.ceil(rows / bs) if bs else 1))
-    schedule = make_schedule(learning_rate=config.optim.learning_rate, total_steps=total,
-                             warmup_steps=config.optim.warmup_steps, schedule=config.optim.schedule)
-    optimizer = make_optimizer(name=config.optim.name, learning_rate_fn=schedule,
-                               weight_decay=config.optim.weight_decay, b1=config.optim.b1,
-                               b2=config.optim.b2, clip_norm=config.optim.clip_norm or None)
+    optimizer, schedule = setup.optimizer_and_schedule(config.optim, total_steps=total)
     # Scalars (step, optimizer counts, RNG) replicated on the mesh: the first update then sees the
     # shardings later ones see, and the donated step compiles once.
     state = jshard.place_on_mesh(init_state(trainable, optimizer, state_rng), mesh)
@@ -268,25 +254,9 @@ def run(config) -> dict[str, Any]:
             json.dump({k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in task.items()}, f)
     logger.close()
 
-    export = {}
-    if config.export.hf_dir:
-        export["hf_dir"] = os.path.join(out_dir, "hf")
-        export_params = variables["params"]
-        if lora:
-            from jaxalign.peft import merge_lora
-
-            if config.quant.nf4:
-                from jaxalign.quant import dequantize_params
-
-                export_params = dequantize_params(export_params, jnp.float32)
-            export_params = merge_lora(export_params, variables["lora"], spec)
-        save_pretrained(model.clone(lora=None), export_params, export["hf_dir"])
-        tokenizer.save_pretrained(export["hf_dir"])
-    if lora and config.export.peft:
-        from jaxalign.peft import save_peft_adapter
-
-        export["peft_dir"] = os.path.join(out_dir, "adapter")
-        save_peft_adapter(variables["lora"], spec, model.config, export["peft_dir"])
+    export = export_run(out_dir, model=model, variables=variables, tokenizer=tokenizer,
+                        spec=spec if lora else None, hf_dir=bool(config.export.hf_dir),
+                        peft=bool(config.export.peft))
     if config.train.plots and history:
         from jaxalign.train.metrics import read_metrics
         from jaxalign.train.plots import plot_metrics

@@ -21,10 +21,10 @@ import numpy as np
 from jaxalign import sharding as jshard
 from jaxalign.data import IteratorState, iterate_batches
 from jaxalign.losses import REGISTRY
-from jaxalign.models import abstract_params, save_pretrained
+from jaxalign.models import abstract_params
 from jaxalign.train import setup
 from jaxalign.train.objectives import ObjectiveSpec, make_objective, make_score_fn, token_logps_of
-from jaxalign.train.optim import make_optimizer, make_schedule
+from jaxalign.train.export import export_run
 from jaxalign.train.step import init_state, make_eval_step, make_train_step
 
 
@@ -134,25 +134,13 @@ def run(config) -> dict[str, Any]:
     param_sh = jshard.param_shardings(boxed, mesh)
     params = _place(params, param_sh)
 
-    lora = config.lora.enabled
-    spec = None
+    spec = setup.lora_spec(config.lora, model.config.model_type)
+    lora = spec is not None
     if lora:
-        from jaxalign.peft import LoraSpec, init_lora, lora_targets, print_trainable_parameters
+        from jaxalign.peft import init_lora, print_trainable_parameters
 
-        targets = config.lora.targets
-        if targets in ("attention", "attention_mlp", "all_linear"):
-            targets = lora_targets(model.config.model_type, targets)
-        spec = LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha, targets=targets,
-                        dropout=config.lora.dropout, use_rslora=config.lora.use_rslora)
         model = model.clone(lora=spec)
-    if config.quant.nf4:
-        if not lora:
-            raise ValueError("quant.nf4=True (QLoRA) needs lora.enabled=True: NF4 base weights are frozen")
-        from jaxalign.quant import bits_per_parameter, quantize_params
-
-        params = quantize_params(params, block_size=config.quant.block_size,
-                                 double_quant=config.quant.double_quant)
-        print(f"[quant] NF4 base: {bits_per_parameter(params):.3f} bits/parameter over quantized kernels")
+    params = setup.quantize_base(config.quant, params, lora=lora)
 
     reference = setup.reference_mode(config.reference.mode, loss_name=loss_name, lora=lora)
     trainable: dict = {}
@@ -189,11 +177,7 @@ def run(config) -> dict[str, Any]:
     objective = make_objective(model, obj_spec, score_fn=make_score_fn(model) if kind == "reward" else None)
 
     total = config.train.steps
-    schedule = make_schedule(learning_rate=config.optim.learning_rate, total_steps=total,
-                             warmup_steps=config.optim.warmup_steps, schedule=config.optim.schedule)
-    optimizer = make_optimizer(name=config.optim.name, learning_rate_fn=schedule,
-                               weight_decay=config.optim.weight_decay, b1=config.optim.b1,
-                               b2=config.optim.b2, clip_norm=config.optim.clip_norm or None)
+    optimizer, schedule = setup.optimizer_and_schedule(config.optim, total_steps=total)
     transforms = {}
     if config.get("nspo") is not None and config.nspo.enabled:  # analysis/nspo.py
         frozen["nspo"], trainable, transforms = _nspo_setup(config, model, tokenizer, trainable, frozen)
@@ -336,25 +320,10 @@ def run(config) -> dict[str, Any]:
                                    for k in tax["before"] if k.endswith(("accuracy", "nll"))))
         with open(os.path.join(out_dir, "tax.json"), "w") as f:
             json.dump(tax, f, indent=2)
-    export = {}
-    if config.export.hf_dir and kind != "reward":
-        export["hf_dir"] = os.path.join(out_dir, "hf")
-        export_params = variables["params"]
-        if lora:
-            from jaxalign.peft import merge_lora
-
-            if config.quant.nf4:
-                from jaxalign.quant import dequantize_params
-
-                export_params = dequantize_params(export_params, jnp.float32)
-            export_params = merge_lora(export_params, variables["lora"], spec)
-        save_pretrained(model.clone(lora=None), export_params, export["hf_dir"])
-        tokenizer.save_pretrained(export["hf_dir"])
-    if lora and config.export.peft:
-        from jaxalign.peft import save_peft_adapter
-
-        export["peft_dir"] = os.path.join(out_dir, "adapter")
-        save_peft_adapter(variables["lora"], spec, model.config, export["peft_dir"])
+    export = export_run(out_dir, model=model, variables=variables, tokenizer=tokenizer,
+                        spec=spec if lora else None,
+                        hf_dir=bool(config.export.hf_dir and kind != "reward"),
+                        peft=bool(config.export.peft))
     if config.train.plots:
         from jaxalign.train.plots import plot_metrics
 

@@ -8,7 +8,6 @@ import dataclasses
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from jaxalign import data as jdata
@@ -156,3 +155,45 @@ def reference_mode(requested: str, *, loss_name: str, lora: bool) -> str:
     if requested == "base" and not lora:
         raise ValueError("reference.mode='base' (base without adapter) needs lora.enabled=True")
     return requested
+
+
+def lora_spec(lora_cfg, model_type: str):
+    """The run's LoraSpec from the `lora` config block (None when LoRA is off).
+
+    `targets` may be a preset name (attention, attention_mlp, all_linear) or a regex.
+    """
+    if not lora_cfg.enabled:
+        return None
+    from jaxalign.peft import LoraSpec, lora_targets
+
+    targets = lora_cfg.targets
+    if targets in ("attention", "attention_mlp", "all_linear"):
+        targets = lora_targets(model_type, targets)
+    return LoraSpec(rank=lora_cfg.rank, alpha=lora_cfg.alpha, targets=targets,
+                    dropout=lora_cfg.dropout, use_rslora=lora_cfg.use_rslora)
+
+
+def quantize_base(quant_cfg, params, *, lora: bool):
+    """QLoRA: the base kernels as NF4 when `quant.nf4` is set (needs LoRA: NF4 weights are frozen)."""
+    if not quant_cfg.nf4:
+        return params
+    if not lora:
+        raise ValueError("quant.nf4=True (QLoRA) needs lora.enabled=True: NF4 base weights are frozen")
+    from jaxalign.quant import bits_per_parameter, quantize_params
+
+    params = quantize_params(params, block_size=quant_cfg.block_size,
+                             double_quant=quant_cfg.double_quant)
+    print(f"[quant] NF4 base: {bits_per_parameter(params):.3f} bits/parameter over quantized kernels")
+    return params
+
+
+def optimizer_and_schedule(optim_cfg, *, total_steps: int):
+    """(optax optimizer, learning-rate schedule) from the `optim` config block."""
+    from jaxalign.train.optim import make_optimizer, make_schedule
+
+    schedule = make_schedule(learning_rate=optim_cfg.learning_rate, total_steps=total_steps,
+                             warmup_steps=optim_cfg.warmup_steps, schedule=optim_cfg.schedule)
+    optimizer = make_optimizer(name=optim_cfg.name, learning_rate_fn=schedule,
+                               weight_decay=optim_cfg.weight_decay, b1=optim_cfg.b1, b2=optim_cfg.b2,
+                               clip_norm=optim_cfg.clip_norm or None)
+    return optimizer, schedule

@@ -85,7 +85,6 @@ def test_loading_streams_one_tensor_at_a_time(tmp_path):
     """Host memory peak while loading stays far below the checkpoint size (no second full copy)."""
     import tracemalloc
 
-    import torch
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512,

@@ -1,7 +1,6 @@
 """End-to-end runner tests on tiny shapes: closed-form first-step losses, resume equivalence,
 gradient accumulation, precomputed reference, exports, config errors."""
 
-import json
 import math
 import os
 import subprocess
