@@ -64,13 +64,22 @@ class Linear(nn.Module):
                 (in_features, self.features),
                 self.param_dtype,
             )
-        w = materialize_kernel(kernel, self.dtype)
-        if w.shape != (in_features, self.features):
+        if tuple(kernel.shape) != (in_features, self.features):
             raise ValueError(
-                f"{'/'.join(self.path)}: kernel has shape {w.shape}, expected {(in_features, self.features)}"
+                f"{'/'.join(self.path)}: kernel has shape {tuple(kernel.shape)}, expected "
+                f"{(in_features, self.features)}"
             )
         x = x.astype(self.dtype)
-        y = x @ w
+        if _is_plain_array(kernel):
+            y = x @ jnp.asarray(kernel, self.dtype)
+        else:  # NF4 (QLoRA): dequantised inside the jit, one layer at a time, fwd and bwd
+            from jaxalign.quant.nf4 import NF4Tensor
+            from jaxalign.quant.nf4_matmul import nf4_matmul
+
+            if not isinstance(kernel, NF4Tensor):
+                raise TypeError(f"{'/'.join(self.path)}: unsupported kernel leaf of type "
+                                f"{type(kernel).__name__}")
+            y = nf4_matmul(x, kernel)
         if self.use_bias:
             b = self.param(
                 "bias",

@@ -340,25 +340,64 @@ def dequantize_absmax(q: NF4Tensor) -> Array:
     return _no_contract(scale) + q.offset
 
 
-def dequantize_nf4(q: NF4Tensor, dtype: Any = jnp.float32) -> Array:
+def dequantize_nf4(q: NF4Tensor, dtype: Any = jnp.float32, *, after: Array | None = None) -> Array:
     """NF4Tensor -> array of `q.shape`: NF4_CODE[code] * absmax[block] in fp32, then cast to dtype.
 
     Matches bitsandbytes' `dequantize_4bit` (fp32 product, round-to-nearest-even cast). Jit-able.
+    The codebook lookup is a 4-level select tree (elementwise), so XLA fuses the whole
+    dequantization into one loop with no [n] fp32 intermediate.
+
+    after: optional array. The result then data-depends on one element of it (its values are
+      unchanged: a +0.0 derived from that element's sign bit is added to the block scales), so a
+      compiler cannot hoist the dequantization before `after` exists. `nf4_matmul` passes the
+      layer input, which keeps one layer's dequantized kernel alive at a time.
     """
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"dequantize_nf4 needs an NF4Tensor, got {type(q).__name__}")
-    return _dequantize(q, jnp.dtype(dtype))
+    if after is None:
+        return _dequantize(q, jnp.dtype(dtype))
+    return _dequantize_after(q, after, jnp.dtype(dtype))
+
+
+def _lookup_nf4(nib: Array) -> Array:
+    """NF4_CODE[nib] for uint8 codes in 0..15, as a select tree on the four bits (fp32)."""
+    level = [jnp.float32(v) for v in NF4_CODE]
+    for bit in range(4):
+        on = (nib & (1 << bit)) != 0
+        level = [jnp.where(on, level[2 * k + 1], level[2 * k]) for k in range(len(level) // 2)]
+    return level[0]
+
+
+def _zero_from(x: Array) -> Array:
+    """An fp32 +0.0 that data-depends on x (finite for any x, NaN and inf included)."""
+    first = x[(0,) * x.ndim].astype(jnp.float32)
+    sign = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(first, jnp.uint32),
+                                       jnp.uint32(31))
+    return sign.astype(jnp.float32) * jnp.float32(0.0)
+
+
+def _dequantize_impl(q: NF4Tensor, dtype: Any, zero: Array | None) -> Array:
+    q = jax.tree_util.tree_map(_gather_explicit, q)
+    n, bs = q.size, q.block_size
+    scale = dequantize_absmax(q)
+    if zero is not None:
+        scale = scale + zero
+    codes = _blocks(q.codes, bs // 2)  # [nblocks, bs/2]: a block is bs/2 whole bytes (bs even)
+    hi = _lookup_nf4(codes >> 4) * scale[:, None]
+    lo = _lookup_nf4(codes & 15) * scale[:, None]
+    out = jnp.stack([hi, lo], axis=-1).reshape(-1)[:n]  # element 2i is the high nibble
+    out = out.reshape(q.storage_shape)
+    return (out.T if q.transposed else out).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
 def _dequantize(q: NF4Tensor, dtype: Any) -> Array:
-    q = jax.tree_util.tree_map(_gather_explicit, q)
-    n = q.size
-    nib = jnp.stack([q.codes >> 4, q.codes & 15], axis=-1).reshape(-1)[:n]
-    values = jnp.asarray(NF4_CODE)[nib.astype(jnp.int32)]
-    out = _dequantize_blocks(values, dequantize_absmax(q), n, q.block_size)
-    out = out.reshape(q.storage_shape)
-    return (out.T if q.transposed else out).astype(dtype)
+    return _dequantize_impl(q, dtype, None)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _dequantize_after(q: NF4Tensor, after: Array, dtype: Any) -> Array:
+    return _dequantize_impl(q, dtype, _zero_from(after))
 
 
 def as_dense(w: Any, dtype: Any = None) -> Any:
