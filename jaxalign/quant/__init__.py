@@ -1,5 +1,12 @@
 """NF4 quantization (QLoRA), byte-compatible with bitsandbytes."""
 
+from jaxalign.quant.bnb_checkpoint import (
+    BnbCheckpointError,
+    bnb_quantization_config,
+    is_bnb_nf4,
+    load_nf4_kernel,
+    nf4_kernel_state,
+)
 from jaxalign.quant.bnb_io import bnb_state_to_nf4, nf4_to_bnb_state
 from jaxalign.quant.nf4 import (
     NF4_CODE,
@@ -21,14 +28,19 @@ from jaxalign.quant.params import (
 __all__ = [
     "DEFAULT_TARGETS",
     "NF4_CODE",
+    "BnbCheckpointError",
     "NF4Tensor",
     "as_dense",
     "bits_per_parameter",
+    "bnb_quantization_config",
     "bnb_state_to_nf4",
     "dequantize_absmax",
     "dequantize_nf4",
     "dequantize_params",
     "dynamic_map",
+    "is_bnb_nf4",
+    "load_nf4_kernel",
+    "nf4_kernel_state",
     "nf4_to_bnb_state",
     "quantize_nf4",
     "quantize_params",
