@@ -15,15 +15,18 @@ rematerialised blocks (`remat=True`), vocabulary-chunked log-probs (8000 columns
   reference = the base without the adapter.
 * full fine-tune: fp32 master params, fp32 AdamW moments, fp32 grads, a frozen bf16 reference copy.
 
-Compiling 32-80 full layers on CPU is slow, so each configuration is compiled with 1 and 2 layers
+Compiling 32-80 full layers on CPU is slow, so each configuration is compiled with 2 and 3 layers
 and the per-layer difference is extrapolated linearly to the real depth (stated in the table).
 Sharding: subprocesses with XLA_FLAGS=--xla_force_host_platform_device_count=N compile the same
 step on an fsdp mesh of N emulated devices (params/adapters/optimizer sharded by logical axis,
 NF4 buffers split along their flat axis, batch split). An analytic model (parameters, gradients,
 optimizer, activations) extends per-device bytes to fsdp sizes 1..256.
-Note: XLA's CPU backend decides temporaries for CPU: it computes bf16 dots in fp32 and keeps a
-dequantized copy of every layer's kernel alive (see `dequant_probe`), so the compiled QLoRA temp
-bytes overstate what a schedule that dequantizes one layer at a time needs; both are reported.
+Two things make the compiled numbers honest on XLA:CPU (see `probes`): NF4 kernels go through
+`jaxalign.quant.nf4_matmul` (dequantization tied to the activation / cotangent, so one dense
+kernel is alive at a time instead of every layer's), and `remat=True` uses
+`jaxalign.models.remat` (a recomputation tied to the cotangent; XLA:CPU drops `jax.checkpoint`'s
+barriers and CSEs the recomputation away, keeping every layer's activations). XLA's CPU backend
+still computes bf16 dots in fp32, so its temporaries are larger than an accelerator's would be.
 """
 
 from __future__ import annotations
@@ -229,27 +232,68 @@ def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: 
     return out
 
 
-def dequant_probe(d: int, layers=(1, 2)) -> dict:
-    """XLA CPU temp bytes of a forward-only chain x <- tanh(x @ dequantize_nf4(Q_i)) over L NF4
-    [d, d] kernels (bf16, 1024 tokens). A memory-optimal schedule needs one dequantized kernel at a
-    time; the growth per layer shows what the CPU backend keeps instead."""
+def dequant_probe(d: int, layers=(2, 3)) -> dict:
+    """XLA temp bytes of jax.grad of a chain x <- tanh(x @ W_i) over L NF4 [d, d] kernels (bf16,
+    1024 tokens), written as `x @ dequantize_nf4(Q_i)` ('plain') and as `nf4_matmul(x, Q_i)`.
+    A memory-optimal schedule holds one dequantized kernel at a time plus one activation per layer;
+    the growth per layer shows what the backend keeps. Returns {variant: {L: bytes}}."""
     import jax
     import jax.numpy as jnp
 
     from jaxalign.quant import dequantize_nf4, quantize_nf4
+    from jaxalign.quant.nf4_matmul import nf4_matmul
+
+    variants = {"plain": lambda x, q: x @ dequantize_nf4(q, x.dtype), "nf4_matmul": nf4_matmul}
+    out = {}
+    for name, mm in variants.items():
+        out[name] = {}
+        for n_layers in layers:
+            qs = [jax.eval_shape(lambda w: quantize_nf4(w, transposed=True),
+                                 jax.ShapeDtypeStruct((d, d), jnp.bfloat16)) for _ in range(n_layers)]
+
+            def loss(x, qs, mm=mm):
+                for q in qs:
+                    x = jnp.tanh(mm(x, q))
+                return x.astype(jnp.float32).sum()
+
+            x = jax.ShapeDtypeStruct((1024, d), jnp.bfloat16)
+            ma = jax.jit(jax.grad(loss)).lower(x, qs).compile().memory_analysis()
+            out[name][n_layers] = int(ma.temp_size_in_bytes)
+    return out
+
+
+def remat_probe(layers=(2, 4), *, hidden: int = 512, seq: int = 512) -> dict:
+    """XLA temp bytes of jax.grad of a small Llama (4 x seq tokens, fp32) without remat,
+    with flax's `nn.remat` (jax.checkpoint) on each block, and with jaxalign's `remat=True`.
+    Returns {variant: {L: bytes}}."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxalign.models import LlamaConfig, build_model
+    from jaxalign.models import llama as llama_mod
 
     out = {}
-    for n_layers in layers:
-        qs = [jax.eval_shape(lambda w: quantize_nf4(w, transposed=True), jax.ShapeDtypeStruct((d, d), jnp.bfloat16))
-              for _ in range(n_layers)]
-
-        def f(x, qs):
-            for q in qs:
-                x = jnp.tanh(x @ dequantize_nf4(q, jnp.bfloat16))
-            return x.sum()
-
-        ma = jax.jit(f).lower(jax.ShapeDtypeStruct((1024, d), jnp.bfloat16), qs).compile().memory_analysis()
-        out[n_layers] = int(ma.temp_size_in_bytes)
+    for name in ("none", "jax.checkpoint", "jaxalign remat"):
+        out[name] = {}
+        for n_layers in layers:
+            cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                              num_hidden_layers=n_layers, num_attention_heads=8,
+                              num_key_value_heads=8, max_position_embeddings=seq)
+            model = build_model(cfg, remat=name == "jaxalign remat")
+            params = jax.eval_shape(lambda: nn.unbox(build_model(cfg).init(
+                jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+            if name == "jax.checkpoint":  # the same model with each Block under jax.checkpoint
+                orig = llama_mod.Block
+                llama_mod.Block = nn.remat(orig, static_argnums=(6,))
+            try:
+                loss = lambda p, t: jnp.mean(model.apply({"params": p}, t))
+                tokens = jax.ShapeDtypeStruct((4, seq), jnp.int32)
+                ma = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis()
+            finally:
+                if name == "jax.checkpoint":
+                    llama_mod.Block = orig
+            out[name][n_layers] = int(ma.temp_size_in_bytes)
     return out
 
 
@@ -270,9 +314,9 @@ def worker(argv):
     C.emit({"fsdp": a.fsdp, "results": res})
 
 
-def extrapolate(m1: dict, m2: dict, layers: int) -> dict:
-    """Linear in depth: m(L) = m(1) + (L - 1) (m(2) - m(1))."""
-    return {k: m1[k] + (layers - 1) * (m2[k] - m1[k]) for k in ("argument", "output", "alias", "temp", "peak")}
+def extrapolate(m2: dict, m3: dict, layers: int) -> dict:
+    """Linear in depth from 2 and 3 layers: m(L) = m(2) + (L - 2) (m(3) - m(2))."""
+    return {k: m2[k] + (layers - 2) * (m3[k] - m2[k]) for k in ("argument", "output", "alias", "temp", "peak")}
 
 
 # ----------------------------------------------------------------------------- main
@@ -298,29 +342,33 @@ def main(argv=None):
     for fsdp in [1] + fsdp_sizes:
         idx = range(len(archs)) if fsdp == 1 else sharded
         methods = ("full",) if args.smoke and fsdp > 1 else METHODS  # smoke: keep CI short
-        jobs = [[i, meth, L] for i in idx for meth in methods for L in (1, 2)]
+        jobs = [[i, meth, L] for i in idx for meth in methods for L in (2, 3)]
         r = C.run_worker(here, extra + ["--fsdp", str(fsdp), "--jobs", json.dumps(jobs)],
                          devices=fsdp, timeout=3600)
         by = {(ai, meth, L): v for ai, meth, L, v in r["results"]}
         for i in idx:
             for meth in methods:
-                m1, m2 = by[(i, meth, 1)], by[(i, meth, 2)]
-                compiled[(i, meth, fsdp)] = extrapolate(m1, m2, archs[i].layers)
-                raw[f"{archs[i].name}|{meth}|fsdp{fsdp}"] = {"L1": m1, "L2": m2}
+                m2, m3 = by[(i, meth, 2)], by[(i, meth, 3)]
+                compiled[(i, meth, fsdp)] = extrapolate(m2, m3, archs[i].layers)
+                raw[f"{archs[i].name}|{meth}|fsdp{fsdp}"] = {"L2": m2, "L3": m3}
     m["uptime_end"] = C.load_average()
 
     rows_c = []
     for (i, meth, fsdp), v in sorted(compiled.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         a = archs[i]
         an = analytic(a, meth, fsdp, seq, PAIRS, chunk)
-        l1 = raw[f"{a.name}|{meth}|fsdp{fsdp}"]["L1"]
         l2 = raw[f"{a.name}|{meth}|fsdp{fsdp}"]["L2"]
-        per_layer = (l2["temp"] - l1["temp"]) / (counts(a)["layer_linear"] / fsdp)
+        l3 = raw[f"{a.name}|{meth}|fsdp{fsdp}"]["L3"]
+        per_layer = (l3["temp"] - l2["temp"]) / (counts(a)["layer_linear"] / fsdp)
         rows_c.append([a.name, meth, fsdp, v["argument"] / GB, v["temp"] / GB, v["peak"] / GB,
-                       an["total"] / GB, per_layer, l1["compile_s"] + l2["compile_s"]])
+                       an["total"] / GB, per_layer, l2["compile_s"] + l3["compile_s"]])
     probe_d = 256 if args.smoke else 4096
     probe = dequant_probe(probe_d)
-    probe_growth = probe[2] - probe[1]
+    growth = {k: v[3] - v[2] for k, v in probe.items()}
+    r_hidden, r_seq = (128, 128) if args.smoke else (512, 512)
+    rprobe = remat_probe((1, 2) if args.smoke else (2, 4), hidden=r_hidden, seq=r_seq)
+    r_lo, r_hi = sorted(next(iter(rprobe.values())))
+    r_growth = {k: (v[r_hi] - v[r_lo]) / (r_hi - r_lo) for k, v in rprobe.items()}
     fsdp_all = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     rows_a = []
     for a in archs:
@@ -343,30 +391,34 @@ def main(argv=None):
             goal = compiled[(i, "qlora", 1)]["peak"] / GB
     numbers["qlora_65b_single_device_gb"] = goal
     numbers["dequant_probe_temp_bytes"] = probe
+    numbers["remat_probe_temp_bytes"] = rprobe
     a65 = [a for a in archs if a.name.startswith("65B")]
     numbers["qlora_65b_analytic_gb"] = analytic(a65[0], "qlora", 1)["total"] / GB if a65 else None
     parts = [
         f"Per device: {PAIRS} pair ({2 * PAIRS} sequences) x {seq} tokens, DPO (policy forward+backward, "
         f"reference forward), bf16 compute, remat per block, vocab_chunk={chunk}; LoRA rank {RANK} on "
         "q/k/v/o/gate/up/down. Compiled numbers: XLA `memory_analysis()` of the jitted step compiled with "
-        "1 and 2 layers, extrapolated linearly to the real depth (m(L) = m(1) + (L-1)(m(2)-m(1))); "
+        "2 and 3 layers, extrapolated linearly to the real depth (m(L) = m(2) + (L-2)(m(3)-m(2))); "
         "peak = arguments + outputs - aliased (donated) + temporaries. fsdp > 1: emulated host devices "
         "(one subprocess per size), numbers per device.",
         C.table(["model", "method", "fsdp", "compiled args GB", "compiled temp GB",
                  "compiled peak GB / device", "analytic GB / device",
-                 "compiled temp per extra layer, bytes / (layer params / fsdp)", "compile s (1+2 layers)"], rows_c),
-        f"Probe (why the compiled temp grows so fast with depth): XLA CPU temp of a forward-only chain "
-        f"x <- tanh(x @ dequantize_nf4(Q_i)) over {probe_d} x {probe_d} NF4 kernels: "
-        + ", ".join(f"{k} layer(s) {v / 1e6:.1f} MB" for k, v in probe.items())
-        + f"; {probe_growth / 1e6:.1f} MB per extra layer = {probe_growth / probe_d ** 2:.1f} bytes per "
-        "kernel element. A schedule that dequantizes each kernel just before its matmul needs one "
-        "kernel at a time; XLA's CPU backend (computing bf16 dots in fp32) keeps a dequantized fp32 copy "
-        "of every layer's kernel for the whole program (the same growth with an optimization barrier "
-        "tying each dequantization to the layer input, with remat, and with YNNPACK fusion off: "
-        "checked by hand). The compiled column for QLoRA is dominated by this term; the analytic "
-        "column assumes one dequantized layer at a time (what bitsandbytes' per-layer dequantization "
-        "holds). Whether an accelerator backend's schedule achieves that could not be checked: no "
-        "accelerator was available in this session.",
+                 "compiled temp per extra layer, bytes / (layer params / fsdp)", "compile s (2+3 layers)"], rows_c),
+        f"Probe 1 (NF4 dequantization schedule): XLA temp of jax.grad of a chain x <- tanh(x @ W_i) over "
+        f"{probe_d} x {probe_d} NF4 kernels, 1024 bf16 tokens; growth per extra layer: "
+        + ", ".join(f"`{k}` {growth[k] / 1e6:.1f} MB ({growth[k] / probe_d ** 2:.2f} bytes per kernel "
+                    f"element)" for k in probe)
+        + ". With `x @ dequantize_nf4(Q)` XLA:CPU hoists every layer's dequantization (a gather from the "
+        "16-entry codebook into an fp32 [n] buffer) to the start and keeps the results for the "
+        "backward pass; `nf4_matmul` (what the models use) dequantizes with a fusible select tree, tied "
+        "to the activation in the forward and to the cotangent in the backward, and saves only the "
+        "quantized weight, so the growth left is the per-layer activation.",
+        f"Probe 2 (rematerialisation): XLA temp of jax.grad of a Llama (hidden {r_hidden}, 4 x {r_seq} "
+        "tokens, fp32), growth per extra layer: "
+        + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r_growth.items())
+        + ". XLA:CPU drops jax.checkpoint's optimization barriers before CSE, so flax's `nn.remat` "
+        "keeps every activation; `jaxalign.models.remat` ties the recomputation to the cotangent and "
+        "keeps one block input per layer.",
         "Analytic per-device bytes by component at fsdp = 1 (GB; weights: NF4 at 4.127 bits + bf16 "
         "embedding/LM head/norms for QLoRA, fp32 master for full FT):",
         C.table(["model", "method", "params (B)", "LoRA params (M)", "weights", "adapters", "grads",
@@ -379,8 +431,8 @@ def main(argv=None):
         an65 = numbers["qlora_65b_analytic_gb"]
         parts.append(f"Goal, 65B QLoRA DPO step on one 48 GB device: analytic {an65:.1f} GB "
                      f"({'fits' if an65 <= 48 else 'does NOT fit'}); XLA-CPU compiled and extrapolated "
-                     f"{goal:.1f} GB ({'fits' if goal <= 48 else 'does NOT fit'}), the difference being the "
-                     "per-layer dequantized kernels the CPU backend keeps alive (probe above).")
+                     f"{goal:.1f} GB ({'fits' if goal <= 48 else 'does NOT fit'}); XLA:CPU computes bf16 dots in "
+                     "fp32, so its temporaries overstate an accelerator's.")
     parts.append(f"Load at end: `{m['uptime_end']}`.")
     return C.finish(args, "memory_on_paper", "Memory on paper: 7B-70B DPO steps (QLoRA, full fine-tune)",
                     argv, m, parts, numbers)

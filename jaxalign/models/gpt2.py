@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.models.config import GPT2Config
+from jaxalign.models.remat import dropout_rng, remat_call
 from jaxalign.models.layers import Linear, dot_product_attention, prepare_inputs
 
 Dtype = Any
@@ -138,12 +139,18 @@ class GPT2LMHeadModel(nn.Module):
         wpe = nn.Embed(c.n_positions, c.n_embd, name="wpe", embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.01), (None, "embed")), **emb_kw)
         x = (wte(tokens) + wpe(positions)).astype(self.dtype)
-        block_cls = nn.remat(GPT2Block, static_argnums=(5,)) if self.remat else GPT2Block
+        # remat (training, no cache): recompute each block in the backward pass (models/remat.py)
+        remat = self.remat and cache is None and not self.is_initializing()
         new_cache = {}
         for i in range(c.n_layer):
+            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
+            if remat:
+                x = remat_call(self, GPT2Block(c, i, **kw, parent=None), f"layers_{i}", x, mask,
+                               static=(None, None, deterministic),
+                               rng=dropout_rng(self, self.lora, deterministic))
+                continue
             lc = None if cache is None else cache[f"layers_{i}"]
-            x, nc = block_cls(c, i, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                              name=f"layers_{i}")(x, mask, lc, write_index, deterministic)
+            x, nc = GPT2Block(c, i, **kw, name=f"layers_{i}")(x, mask, lc, write_index, deterministic)
             if cache is not None:
                 new_cache[f"layers_{i}"] = nc
         x = LayerNorm(c.layer_norm_epsilon, self.dtype, self.param_dtype, name="ln_f")(x)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.models.config import LlamaConfig
+from jaxalign.models.remat import dropout_rng, remat_call
 from jaxalign.models.layers import (
     Linear, RMSNorm, apply_rope, dot_product_attention, prepare_inputs, rope_inv_freq,
 )
@@ -138,13 +139,19 @@ class LlamaForCausalLM(nn.Module):
                              nn.initializers.normal(0.02), ("vocab", "embed")),
                          name="embed_tokens")
         x = embed(tokens).astype(self.dtype)
-        block_cls = nn.remat(Block, static_argnums=(6,)) if self.remat else Block
+        # remat (training, no cache): recompute each block in the backward pass (models/remat.py)
+        remat = self.remat and cache is None and not self.is_initializing()
         new_cache = {}
         for i in range(c.num_hidden_layers):
+            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
+            if remat:
+                x = remat_call(self, Block(c, **kw, parent=None), f"layers_{i}", x, positions, mask,
+                               static=(None, None, deterministic),
+                               rng=dropout_rng(self, self.lora, deterministic))
+                continue
             layer_cache = None if cache is None else cache[f"layers_{i}"]
-            x, lc = block_cls(c, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                              name=f"layers_{i}")(x, positions, mask, layer_cache, write_index,
-                                                  deterministic)
+            x, lc = Block(c, **kw, name=f"layers_{i}")(x, positions, mask, layer_cache, write_index,
+                                                       deterministic)
             if cache is not None:
                 new_cache[f"layers_{i}"] = lc
         x = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
