@@ -17,6 +17,7 @@ from jaxalign.quant.nf4 import (
     dynamic_map,
     quantize_nf4,
 )
+from jaxalign.quant.nf4_matmul import nf4_matmul
 from jaxalign.quant.params import (
     DEFAULT_TARGETS,
     bits_per_parameter,
@@ -41,6 +42,7 @@ __all__ = [
     "is_bnb_nf4",
     "load_nf4_kernel",
     "nf4_kernel_state",
+    "nf4_matmul",
     "nf4_to_bnb_state",
     "quantize_nf4",
     "quantize_params",
