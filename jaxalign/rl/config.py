@@ -11,13 +11,15 @@ section, and a `loss` section holding the method's hyperparameters.
   rewards            {'exact_match': w, 'format': w}: built-in verifiable rewards and weights
   reward_model       path (a reward run's output_dir) and weight
   ref_update         never | round (the reference becomes the policy after each round)
-  pair_selection     best_worst | rso;  rso_beta, rso_num_samples (RSO)
+  pair_selection     best_worst (one pair per group) | ranked (up to group_size // 2 disjoint
+                     pairs per group: i-th best vs i-th worst) | rso;  rso_beta, rso_num_samples
   min_reward         best-of-N keeps a group's best completion only if its reward >= this
   eval_every         held-out task accuracy every this many rounds (0 = before/after only)
 `train.batch_size` is rows per update (0 = all rows of the round); `train.checkpoint_every`
 counts rounds; `train.rpo_alpha` adds the chosen completions' NLL to a pairwise loss (RPO), as in
 offline preference runs. The learning-rate schedule spans an upper bound on the number of updates
-(rounds * epochs * minibatches of the largest possible round).
+(rounds * epochs * minibatches of the largest possible round: one pair per prompt, or
+group_size // 2 with pair_selection=ranked).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ the reference is the initial policy.
 Iterative DPO (Xiong et al. 2024, arXiv:2312.11456; Dong et al. 2024, "RLHF workflow",
 arXiv:2405.07863; Yuan et al. 2024, self-rewarding): in rounds, round k's policy samples the pairs
 (best vs worst of `group_size`) that round k+1 trains on, with the round's starting policy as the
-reference (`ref_update="round"`).
+reference (`ref_update="round"`). `ranked_pairs` makes up to group_size // 2 disjoint pairs per
+group instead of one (i-th best vs i-th worst), so more of each round's samples are used.
 
 Pairs whose two rewards are equal carry no preference: they get weight 0 (online) or are dropped
 (rounds). The loss is the weighted mean  sum_i w_i l_i / max(sum_i w_i, 1).
@@ -45,6 +46,30 @@ def best_worst_pairs(rewards, group_size: int) -> tuple[np.ndarray, np.ndarray, 
     hi, lo = grouped.argmax(1), grouped.argmin(1)
     valid = grouped.max(1) > grouped.min(1)
     return base + hi, base + lo, valid
+
+
+def ranked_pairs(rewards, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group of `group_size` consecutive rows, sorted by reward (descending, stable): the i-th
+    best as chosen against the i-th worst as rejected, i = 0 .. group_size // 2 - 1, so every
+    completion is in at most one pair and the first pair is best-vs-worst. With a 0/1 reward these
+    are min(#correct, #incorrect) disjoint (correct, incorrect) pairs per group, where
+    `best_worst_pairs` makes at most one.
+
+    Returns (chosen [G * K], rejected [G * K]) row indices, K = group_size // 2, group by group, and
+    valid [G * K] bool (chosen reward > rejected reward)."""
+    r = np.asarray(rewards, np.float64)
+    if r.ndim != 1 or r.size % group_size:
+        raise ValueError(f"ranked_pairs: `rewards` must be [N] with N a multiple of "
+                         f"group_size={group_size}, got shape {r.shape}")
+    if group_size < 2:
+        raise ValueError(f"ranked_pairs: `group_size` must be >= 2, got {group_size}")
+    grouped = r.reshape(-1, group_size)
+    order = np.argsort(-grouped, axis=1, kind="stable")
+    k = group_size // 2
+    hi, lo = order[:, :k], order[:, ::-1][:, :k]
+    valid = np.take_along_axis(grouped, hi, 1) > np.take_along_axis(grouped, lo, 1)
+    base = (np.arange(grouped.shape[0]) * group_size)[:, None]
+    return (base + hi).reshape(-1), (base + lo).reshape(-1), valid.reshape(-1)
 
 
 def sequence_logps(token_logps, loss_mask, *, average: bool = False) -> np.ndarray:

@@ -86,6 +86,8 @@ def rows_per_round(config) -> int:
     rl = config.rl
     if rl.trainer in ("grpo", "rloo", "ppo"):
         return rl.prompts_per_round * rl.group_size
+    if rl.get("pair_selection", "best_worst") == "ranked":  # up to group_size // 2 pairs a prompt
+        return rl.prompts_per_round * max(1, rl.group_size // 2)
     return rl.prompts_per_round  # at most one pair / kept sample per prompt
 
 

@@ -20,7 +20,7 @@ from jaxalign.rl import grpo, online_dpo, ppo, rejection
 from jaxalign.rl.loop import RoundTools, Trainer
 from jaxalign.rl.rollout import Rollout, terminated
 
-PAIR_SELECTIONS = ("best_worst", "rso")
+PAIR_SELECTIONS = ("best_worst", "ranked", "rso")
 
 
 def _needs_old(epochs: int, batch_size: int, rows: int) -> bool:
@@ -103,8 +103,10 @@ def preference_trainer(model, *, loss_fn: Callable, loss_kwargs: dict | None = N
                        temperature: float = 1.0, name: str = "online_dpo") -> Trainer:
     """Pairs from the policy's samples, judged by the rewards, trained with a pairwise loss.
 
-    pair_selection: "best_worst" (highest vs lowest reward of each group: online/iterative DPO)
-    or "rso" (statistical rejection sampling, `jaxalign.rl.rejection.rso_pairs`). Tied pairs get
+    pair_selection: "best_worst" (highest vs lowest reward of each group: online/iterative DPO),
+    "ranked" (up to group_size // 2 disjoint pairs per group, i-th best vs i-th worst,
+    `jaxalign.rl.online_dpo.ranked_pairs`) or "rso" (statistical rejection sampling,
+    `jaxalign.rl.rejection.rso_pairs`). Tied pairs get
     weight 0 (`drop_ties=False`: one fixed-shape update per round, online DPO) or are dropped
     (`drop_ties=True`: rounds of many minibatches, iterative DPO / RSO). rpo_alpha adds the NLL of
     the chosen completions (Iterative RPO)."""
@@ -122,7 +124,9 @@ def preference_trainer(model, *, loss_fn: Callable, loss_kwargs: dict | None = N
                                                       beta=rso_beta, rng=tools.rng)
             weight = None
         else:
-            chosen, rejected, valid = online_dpo.best_worst_pairs(rollout.rewards, group_size)
+            select = (online_dpo.ranked_pairs if pair_selection == "ranked"
+                      else online_dpo.best_worst_pairs)
+            chosen, rejected, valid = select(rollout.rewards, group_size)
             m = online_dpo.pair_metrics(rollout, chosen, rejected, valid)
             if drop_ties:
                 chosen, rejected, weight = chosen[valid], rejected[valid], None

@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 
 from jaxalign.losses import dpo_loss, ipo_loss
+from jaxalign.rl import trainers
+from jaxalign.rl.loop import RoundTools
 from jaxalign.rl.online_dpo import (
-    best_worst_pairs, build_pair_batch, make_preference_objective, pair_metrics, sequence_logps,
+    best_worst_pairs, build_pair_batch, make_preference_objective, pair_metrics, ranked_pairs,
+    sequence_logps,
 )
+from jaxalign.rl.rollout import make_logps_fn
 from tests.rl.conftest import make_rollout
 
 
@@ -22,6 +26,59 @@ def test_best_worst_pairs_by_hand():
         best_worst_pairs([0, 1, 2], 4)
     with pytest.raises(ValueError, match=">= 2"):
         best_worst_pairs([0, 1], 1)
+
+
+def test_ranked_pairs_by_hand():
+    # groups: one 0/1 group with 2 correct of 4, a tie, mixed rewards, 1 correct of 4
+    chosen, rejected, valid = ranked_pairs([0, 1, 1, 0, 2, 2, 2, 2, 3, -1, 5, 5, 1, 0, 0, 0], 4)
+    np.testing.assert_array_equal(chosen, [1, 2, 4, 5, 10, 11, 12, 13])
+    np.testing.assert_array_equal(rejected, [3, 0, 7, 6, 9, 8, 15, 14])
+    np.testing.assert_array_equal(valid, [True, True, False, False, True, True, True, False])
+    # odd group size: the middle completion is left out; group_size 2 is best_worst_pairs
+    c, r, v = ranked_pairs([1, 0, 2], 3)
+    assert (c.tolist(), r.tolist(), v.tolist()) == ([2], [1], [True])
+    rew = np.random.default_rng(0).integers(0, 2, 40)
+    for got, want in zip(ranked_pairs(rew, 2), best_worst_pairs(rew, 2)):
+        np.testing.assert_array_equal(got[best_worst_pairs(rew, 2)[2]],
+                                      want[best_worst_pairs(rew, 2)[2]])
+    # every valid pair: chosen beats rejected, same group, no completion used twice
+    rew = np.random.default_rng(1).integers(0, 3, 8 * 50)
+    c, r, v = ranked_pairs(rew, 8)
+    assert c.shape == (200,) and np.all(rew[c[v]] > rew[r[v]]) and np.all(c // 8 == r // 8)
+    used = np.concatenate([c[v], r[v]])
+    assert len(np.unique(used)) == len(used)
+    # with 0/1 rewards: min(#correct, #incorrect) valid pairs per group
+    counts = rew.reshape(-1, 8)
+    bin_rew = (rew == 2).astype(float)
+    _, _, v = ranked_pairs(bin_rew, 8)
+    k = (counts == 2).sum(1)
+    np.testing.assert_array_equal(v.reshape(-1, 4).sum(1), np.minimum(k, 8 - k))
+    with pytest.raises(ValueError, match="multiple of group_size=4"):
+        ranked_pairs([0, 1, 2], 4)
+    with pytest.raises(ValueError, match=">= 2"):
+        ranked_pairs([0, 1], 1)
+
+
+def test_preference_trainer_ranked_selection_builds_every_valid_pair(tiny):
+    model, params = tiny
+    r = make_rollout([1, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 1], group_size=4)
+    tools = RoundTools(trainable={"params": params}, frozen={}, ref_variables={"params": params},
+                       logps_fn=make_logps_fn(model), rng=np.random.default_rng(0))
+    ref = sequence_logps(tools.ref_logps(r), r.loss_mask)
+    for drop_ties in (True, False):
+        t = trainers.preference_trainer(model, loss_fn=dpo_loss, group_size=4,
+                                        pair_selection="ranked", drop_ties=drop_ties)
+        rows, m = t.build(r, tools)
+        c, rej, v = ranked_pairs(r.rewards, 4)  # (0,3), (2,1); tie, tie; (11,10), tie
+        if drop_ties:
+            c, rej, v = c[v], rej[v], v[v]
+        np.testing.assert_array_equal(rows["chosen_tokens"], r.tokens[c])
+        np.testing.assert_array_equal(rows["rejected_tokens"], r.tokens[rej])
+        np.testing.assert_allclose(rows["ref_chosen_logps"], ref[c], rtol=1e-6)
+        np.testing.assert_array_equal(rows["weight"], v.astype(np.float32))
+        assert m["pairs/count"] == 3.0 and m["pairs/valid_fraction"] == 0.5
+    with pytest.raises(ValueError, match="pair_selection"):
+        trainers.preference_trainer(model, loss_fn=dpo_loss, pair_selection="all")
 
 
 def test_pair_batch_and_metrics():

@@ -16,7 +16,7 @@ from jaxalign.train.config import load_config
 
 EXPERIMENTS = {
     "grpo": ("tiny", "dapo", "dr_grpo", "kl", "lora"), "rloo": ("tiny",), "ppo": ("tiny",),
-    "online_dpo": ("tiny", "best_of_4"), "iterative_dpo": ("tiny", "dpo", "fixed_ref"),
+    "online_dpo": ("tiny", "best_of_4"), "iterative_dpo": ("tiny", "dpo", "fixed_ref", "ranked"),
     "rso": ("tiny", "dpo"), "best_of_n": ("tiny",),
 }
 TINY = {"model.init.hidden_size": 16, "model.init.intermediate_size": 32,
@@ -89,3 +89,13 @@ def test_lora_best_of_n_run_with_base_reference(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf"))
     assert hf.config.hidden_size == 16
     assert glob.glob(str(out / "checkpoints" / "*"))
+
+
+def test_rows_per_round_bounds_the_pairs_each_selection_can_make():
+    from experiments import iterative_dpo
+    from jaxalign.rl.run import rows_per_round
+
+    c = iterative_dpo.get_config("tiny")
+    assert rows_per_round(c) == c.rl.prompts_per_round
+    r = iterative_dpo.get_config("ranked")
+    assert rows_per_round(r) == r.rl.prompts_per_round * (r.rl.group_size // 2)
