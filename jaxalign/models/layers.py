@@ -69,7 +69,10 @@ class Linear(nn.Module):
                 f"{'/'.join(self.path)}: kernel has shape {tuple(kernel.shape)}, expected "
                 f"{(in_features, self.features)}"
             )
-        x = x.astype(self.dtype)
+        lead = x.shape[:-1]
+        # one 2-D matmul: XLA:CPU runs [B*T, in] @ [in, out] and its backward ~1.35x faster than
+        # the [B, T, in] dot_general (no transposes around the weight-gradient dot)
+        x = x.astype(self.dtype).reshape(-1, in_features)
         if _is_plain_array(kernel):
             y = x @ jnp.asarray(kernel, self.dtype)
         else:  # NF4 (QLoRA): dequantised inside the jit, one layer at a time, fwd and bwd
@@ -102,7 +105,7 @@ class Linear(nn.Module):
             if self.lora.dropout > 0.0 and not deterministic:
                 h = nn.Dropout(rate=self.lora.dropout)(h, deterministic=False)
             y = y + ((h @ a.astype(self.dtype)) @ b.astype(self.dtype)) * jnp.asarray(scale, self.dtype)
-        return y
+        return y.reshape(*lead, self.features)
 
 
 class RMSNorm(nn.Module):
@@ -170,19 +173,25 @@ def attention_mask_4d(q_positions, kv_positions, kv_valid, *, sliding_window=Non
 def dot_product_attention(q, k, v, mask, *, scale, dtype):
     """Grouped-query attention. q [B, T, H, D], k/v [B, S, KVH, D], mask [B, 1, T, S] -> [B, T, H, D].
 
-    Logits and softmax in fp32; query rows with no valid key (padding) return zeros.
+    Logits and softmax in fp32; query rows with no valid key (padding) return zeros. The G = H/KVH
+    query heads sharing a key head are stacked along the query axis, so both products are plain
+    batched matmuls over (B, KVH) ([G*T, D] x [D, S] and [G*T, S] x [S, D]; ~1.2x faster fwd+bwd
+    on XLA:CPU than contracting the 5-D layout directly).
     """
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
-    q = q.reshape(b, t, kvh, g, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    qh = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+    kh = k.transpose(0, 2, 1, 3)  # [B, KVH, S, D]
+    vh = v.astype(dtype).transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32) * scale
+    logits = logits.reshape(b, kvh, g, t, s)
     m = mask[:, :, None, :, :]  # [B, 1, 1, T, S]
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(m, probs, 0.0).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
-    return out.reshape(b, t, h, d)
+    probs = jnp.where(m, probs, 0.0).astype(dtype).reshape(b, kvh, g * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh)  # [B, KVH, G*T, D]
+    return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def default_positions(attention_mask):
