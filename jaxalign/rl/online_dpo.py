@@ -29,19 +29,24 @@ from jaxalign.rl.rollout import Rollout, forward_logps
 from jaxalign.train.objectives import policy_variables
 
 
+def _grouped(rewards, group_size: int, name: str) -> np.ndarray:
+    """[N] rewards -> [N / group_size, group_size] float64, with clear errors naming `name`."""
+    r = np.asarray(rewards, np.float64)
+    if r.ndim != 1 or r.size % group_size:
+        raise ValueError(f"{name}: `rewards` must be [N] with N a multiple of "
+                         f"group_size={group_size}, got shape {r.shape}")
+    if group_size < 2:
+        raise ValueError(f"{name}: `group_size` must be >= 2, got {group_size}")
+    return r.reshape(-1, group_size)
+
+
 def best_worst_pairs(rewards, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group of `group_size` consecutive rows: the row with the highest reward (first on ties)
     as chosen and the lowest (first on ties) as rejected.
 
     Returns (chosen [G], rejected [G]) row indices into `rewards` and valid [G] bool
     (max reward > min reward)."""
-    r = np.asarray(rewards, np.float64)
-    if r.ndim != 1 or r.size % group_size:
-        raise ValueError(f"best_worst_pairs: `rewards` must be [N] with N a multiple of "
-                         f"group_size={group_size}, got shape {r.shape}")
-    if group_size < 2:
-        raise ValueError(f"best_worst_pairs: `group_size` must be >= 2, got {group_size}")
-    grouped = r.reshape(-1, group_size)
+    grouped = _grouped(rewards, group_size, "best_worst_pairs")
     base = np.arange(grouped.shape[0]) * group_size
     hi, lo = grouped.argmax(1), grouped.argmin(1)
     valid = grouped.max(1) > grouped.min(1)
@@ -57,13 +62,7 @@ def ranked_pairs(rewards, group_size: int) -> tuple[np.ndarray, np.ndarray, np.n
 
     Returns (chosen [G * K], rejected [G * K]) row indices, K = group_size // 2, group by group, and
     valid [G * K] bool (chosen reward > rejected reward)."""
-    r = np.asarray(rewards, np.float64)
-    if r.ndim != 1 or r.size % group_size:
-        raise ValueError(f"ranked_pairs: `rewards` must be [N] with N a multiple of "
-                         f"group_size={group_size}, got shape {r.shape}")
-    if group_size < 2:
-        raise ValueError(f"ranked_pairs: `group_size` must be >= 2, got {group_size}")
-    grouped = r.reshape(-1, group_size)
+    grouped = _grouped(rewards, group_size, "ranked_pairs")
     order = np.argsort(-grouped, axis=1, kind="stable")
     k = group_size // 2
     hi, lo = order[:, :k], order[:, ::-1][:, :k]
