@@ -20,13 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def _zero_from(x: jax.Array) -> jax.Array:
-    """An fp32 +0.0 that data-depends on x (finite for any x, NaN and inf included)."""
-    first = x[(0,) * x.ndim].astype(jnp.float32)
-    sign = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(first, jnp.uint32),
-                                       jnp.uint32(31))
-    return sign.astype(jnp.float32) * jnp.float32(0.0)
+from jaxalign.dependency import zero_from
 
 
 def recompute_in_backward(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
@@ -45,7 +39,7 @@ def recompute_in_backward(fn: Callable[..., jax.Array]) -> Callable[..., jax.Arr
 
     def bwd(res, g):
         params, x, rest = res
-        x_tied = x + _zero_from(g).astype(x.dtype)
+        x_tied = x + zero_from(g).astype(x.dtype)
         _, vjp = jax.vjp(lambda p, xx: fn(p, xx, *rest), params, x_tied)
         d_params, d_x = vjp(g)
         d_rest = jax.tree.map(_zero_cotangent, rest)

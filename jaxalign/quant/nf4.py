@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.dependency import zero_from
+
 Array = jax.Array
 
 # bitsandbytes' NF4 codebook (index 0..15). Hard-coded: regenerating it from normal quantiles
@@ -368,14 +370,6 @@ def _lookup_nf4(nib: Array) -> Array:
     return level[0]
 
 
-def _zero_from(x: Array) -> Array:
-    """An fp32 +0.0 that data-depends on x (finite for any x, NaN and inf included)."""
-    first = x[(0,) * x.ndim].astype(jnp.float32)
-    sign = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(first, jnp.uint32),
-                                       jnp.uint32(31))
-    return sign.astype(jnp.float32) * jnp.float32(0.0)
-
-
 def _dequantize_impl(q: NF4Tensor, dtype: Any, zero: Array | None) -> Array:
     q = jax.tree_util.tree_map(_gather_explicit, q)
     n, bs = q.size, q.block_size
@@ -397,7 +391,7 @@ def _dequantize(q: NF4Tensor, dtype: Any) -> Array:
 
 @functools.partial(jax.jit, static_argnames="dtype")
 def _dequantize_after(q: NF4Tensor, after: Array, dtype: Any) -> Array:
-    return _dequantize_impl(q, dtype, _zero_from(after))
+    return _dequantize_impl(q, dtype, zero_from(after))
 
 
 def as_dense(w: Any, dtype: Any = None) -> Any:
