@@ -18,9 +18,8 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from jaxalign.dependency import zero_from
+from jaxalign.dependency import zero_cotangent, zero_from
 
 
 def recompute_in_backward(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
@@ -42,18 +41,11 @@ def recompute_in_backward(fn: Callable[..., jax.Array]) -> Callable[..., jax.Arr
         x_tied = x + zero_from(g).astype(x.dtype)
         _, vjp = jax.vjp(lambda p, xx: fn(p, xx, *rest), params, x_tied)
         d_params, d_x = vjp(g)
-        d_rest = jax.tree.map(_zero_cotangent, rest)
+        d_rest = zero_cotangent(rest)
         return (d_params, d_x, *d_rest)
 
     f.defvjp(fwd, bwd)
     return f
-
-
-def _zero_cotangent(a):
-    a = jnp.asarray(a)
-    if jnp.issubdtype(a.dtype, jnp.inexact):
-        return jnp.zeros_like(a)
-    return jnp.zeros(a.shape, jax.dtypes.float0)
 
 
 def remat_call(parent: nn.Module, block: nn.Module, name: str, x: jax.Array, *arrays: Any,

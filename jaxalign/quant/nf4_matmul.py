@@ -13,18 +13,9 @@ The NF4 weight is frozen: its cotangent is zero (float children) / float0 (integ
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
+from jaxalign.dependency import zero_cotangent
 from jaxalign.quant.nf4 import NF4Tensor, dequantize_nf4
-
-
-def _zero_cotangent(q: NF4Tensor) -> NF4Tensor:
-    def zero(a):
-        if jnp.issubdtype(a.dtype, jnp.inexact):
-            return jnp.zeros_like(a)
-        return jnp.zeros(a.shape, jax.dtypes.float0)
-
-    return jax.tree.map(zero, q)
 
 
 @jax.custom_vjp
@@ -39,7 +30,7 @@ def _fwd(x, q):
 
 def _bwd(q, g):
     w = dequantize_nf4(q, g.dtype, after=g)
-    return g @ w.T, _zero_cotangent(q)
+    return g @ w.T, zero_cotangent(q)
 
 
 nf4_matmul.defvjp(_fwd, _bwd)
