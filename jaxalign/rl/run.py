@@ -144,11 +144,6 @@ def run(config) -> dict[str, Any]:
     if mode == "none" and needs_ref:
         raise ValueError(f"rl.trainer={rl.trainer!r} with these settings needs a reference model, "
                          f"but reference.mode='none'")
-    # The reference: a copy of the initial weights, or under LoRA the frozen base (no copy).
-    ref_variables = None
-    if mode != "none" and not lora:
-        ref_variables = {"params": jax.tree.map(jnp.copy, params)}
-
     rm = None
     if rl.reward_model.path and rl.reward_model.weight:
         from jaxalign.rl.reward_model import load_reward_model
@@ -166,8 +161,10 @@ def run(config) -> dict[str, Any]:
     # shardings later ones see, and the donated step compiles once.
     state = jshard.place_on_mesh(init_state(trainable, optimizer, state_rng), mesh)
     frozen = jshard.place_on_mesh(frozen, mesh)
-    if mode != "none" and lora:
-        ref_variables = {"params": frozen["params"]}
+    # The reference: a copy of the initial weights, or under LoRA the frozen base (no copy).
+    ref_variables = None
+    if mode != "none":
+        ref_variables = {"params": frozen["params"] if lora else jax.tree.map(jnp.copy, params)}
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     train_step = make_train_step(trainer.objective, optimizer, grad_accum=config.train.grad_accum,
                                  learning_rate_fn=schedule, state_shardings=state_sh)
