@@ -70,8 +70,8 @@ class Linear(nn.Module):
                 f"{(in_features, self.features)}"
             )
         lead = x.shape[:-1]
-        # one 2-D matmul: XLA:CPU runs [B*T, in] @ [in, out] and its backward ~1.35x faster than
-        # the [B, T, in] dot_general (no transposes around the weight-gradient dot)
+        # one 2-D matmul: on XLA:CPU its backward needs no transposes around the weight-gradient
+        # dot, unlike the [B, T, in] dot_general (DPO step timings: benchmarks/RESULTS.md)
         x = x.astype(self.dtype).reshape(-1, in_features)
         if _is_plain_array(kernel):
             y = x @ jnp.asarray(kernel, self.dtype)
@@ -175,8 +175,8 @@ def dot_product_attention(q, k, v, mask, *, scale, dtype):
 
     Logits and softmax in fp32; query rows with no valid key (padding) return zeros. The G = H/KVH
     query heads sharing a key head are stacked along the query axis, so both products are plain
-    batched matmuls over (B, KVH) ([G*T, D] x [D, S] and [G*T, S] x [S, D]; ~1.2x faster fwd+bwd
-    on XLA:CPU than contracting the 5-D layout directly).
+    batched matmuls over (B, KVH) ([G*T, D] x [D, S] and [G*T, S] x [S, D]) rather than
+    contractions of a 5-D layout, which XLA:CPU surrounds with transposes.
     """
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
