@@ -67,7 +67,9 @@ def make_sampler(model, *, max_new_tokens: int, eos_ids: int | Sequence[int], pa
         b, p = prompt_tokens.shape
         n = max_new_tokens
         cache = init_cache(model, b, p + n, cache_dtype or model.dtype)
-        logits, cache = model.apply(variables, prompt_tokens, attention_mask=prompt_mask, cache=cache)
+        # prefill: the LM head only at the last prompt slot (left padding: every prompt ends there)
+        logits, cache = model.apply(variables, prompt_tokens, attention_mask=prompt_mask, cache=cache,
+                                    logits_at=slice(-1, None))
         rng, sub = jax.random.split(rng)
         tok, lp = pick(logits[:, -1], sub)
         done = jnp.isin(tok, eos)

@@ -310,10 +310,14 @@ def preference_rows(n: int, s: Shapes, *, seed: int = 0) -> list[dict]:
              "rejected": " " + words(s.completion - 1)} for _ in range(n)]
 
 
-def trl_to_jaxalign(batch) -> dict:
+def trl_to_jaxalign(batch, *, loss_index: bool = True) -> dict:
     """TRL's DataCollatorForPreference output ([chosen; rejected] stacked on the batch axis,
-    `completion_mask` = 1 on completion tokens) -> jaxalign's preference batch of numpy arrays."""
+    `completion_mask` = 1 on completion tokens) -> jaxalign's preference batch of numpy arrays,
+    with the loss index jaxalign's own collator adds (LM head on completion positions only) unless
+    `loss_index=False`."""
     import numpy as np
+
+    from jaxalign.data.collate import loss_index as make_loss_index
 
     ids = np.asarray(batch["input_ids"], np.int32)
     am = np.asarray(batch["attention_mask"], np.int32)
@@ -324,6 +328,9 @@ def trl_to_jaxalign(batch) -> dict:
     for k in ("ref_chosen_logps", "ref_rejected_logps"):
         if k in batch:
             out[k] = np.asarray(batch[k], np.float32)
+    idx = make_loss_index(cm[:b], cm[b:]) if loss_index else None
+    if idx is not None:
+        out["chosen_loss_index"], out["rejected_loss_index"] = idx
     return out
 
 

@@ -190,9 +190,12 @@ def worker(argv):
     C.emit({"median_s": C.median(t), "xla_flops": info["xla_flops"], "loss": info["first_loss"]})
 
 
-def jax_batch(s: C.Shapes, *, seed: int):
-    """A preference batch like TRL's collator makes (no padding: fixed lengths), numpy int32."""
+def jax_batch(s: C.Shapes, *, seed: int, loss_index: bool = True):
+    """A preference batch like TRL's collator makes (no padding: fixed lengths), numpy int32, with
+    jaxalign's loss index unless `loss_index=False`."""
     import numpy as np
+
+    from jaxalign.data.collate import loss_index as make_loss_index
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -203,6 +206,9 @@ def jax_batch(s: C.Shapes, *, seed: int):
         lm[:, s.prompt:] = 1
         out.update({f"{side}_tokens": ids, f"{side}_attention_mask": np.ones_like(ids),
                     f"{side}_loss_mask": lm})
+    idx = make_loss_index(out["chosen_loss_mask"], out["rejected_loss_mask"]) if loss_index else None
+    if idx is not None:
+        out["chosen_loss_index"], out["rejected_loss_index"] = idx
     return out
 
 

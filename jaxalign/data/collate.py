@@ -8,8 +8,16 @@ step sees a handful of shapes instead of one per batch.
 
 Outputs (B = batch size, T = padded length):
 - `collate_sft`: tokens, attention_mask, loss_mask                                   [B, T]
+  and loss_index [B, K] (below)
 - `collate_preference`: chosen_tokens, chosen_attention_mask, chosen_loss_mask,
-  rejected_tokens, rejected_attention_mask, rejected_loss_mask, all with one common T.
+  rejected_tokens, rejected_attention_mask, rejected_loss_mask, all with one common T, and
+  chosen_loss_index, rejected_loss_index with one common K.
+
+`loss_index` [B, K] int32 lists, per row, the positions t >= 1 with loss_mask[t] (the tokens a
+loss predicts), ascending, then 0 in unused slots; K is the largest count in the batch padded by
+the same rule as T. The objectives then run the final norm and LM head on those K positions
+instead of all T (prompt tokens need no logits). It is left out when K would not be below T - 1
+(nothing to save); the objectives fall back to all positions then.
 - `collate_unpaired` (KTO): tokens, attention_mask, loss_mask [B, T], label [B], and the mismatched
   pairs TRL uses for the KL estimate: row i's prompt with row (i - 1) mod B's completion (TRL's
   `[completion[-1]] + completion[:-1]` rotation), truncated like the main sequences, as
@@ -83,6 +91,28 @@ def _stack(seqs, masks, length, pad_id, prefix=""):
     }
 
 
+def loss_index(*loss_masks: np.ndarray, pad_to_multiple_of: int | None = None,
+               buckets: Sequence[int] | None = None) -> list[np.ndarray] | None:
+    """One loss index [B, K] per loss_mask [B, T] (module doc), all with a common K; None when
+    K would not be below T - 1."""
+    t = loss_masks[0].shape[1]
+    hits = [np.asarray(m, bool).copy() for m in loss_masks]
+    for h in hits:
+        h[:, 0] = False  # token 0 has no previous position to predict it
+    n = max(int(h.sum(1).max(initial=0)) for h in hits)
+    k = padded_length(max(n, 1), pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
+    if k >= t - 1:
+        return None
+    out = []
+    for h in hits:
+        idx = np.zeros((h.shape[0], k), np.int32)
+        for i, row in enumerate(h):
+            pos = np.flatnonzero(row)
+            idx[i, :len(pos)] = pos
+        out.append(idx)
+    return out
+
+
 def collate_sft(examples, *, pad_id: int, pad_to_multiple_of: int | None = None,
                 buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Right-pads `input_ids`/`loss_mask` examples into tokens, attention_mask, loss_mask [B, T]."""
@@ -90,7 +120,11 @@ def collate_sft(examples, *, pad_id: int, pad_to_multiple_of: int | None = None,
     seqs = [ex["input_ids"] for ex in examples]
     length = padded_length(max(map(len, seqs)), pad_to_multiple_of=pad_to_multiple_of,
                            buckets=buckets)
-    return _stack(seqs, [ex["loss_mask"] for ex in examples], length, pad_id)
+    out = _stack(seqs, [ex["loss_mask"] for ex in examples], length, pad_id)
+    idx = loss_index(out["loss_mask"], pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
+    if idx is not None:
+        out["loss_index"] = idx[0]
+    return out
 
 
 def collate_preference(examples, *, pad_id: int, pad_to_multiple_of: int | None = None,
@@ -101,11 +135,16 @@ def collate_preference(examples, *, pad_id: int, pad_to_multiple_of: int | None 
     rejected = [ex["rejected_input_ids"] for ex in examples]
     length = padded_length(max(map(len, chosen + rejected)), pad_to_multiple_of=pad_to_multiple_of,
                            buckets=buckets)
-    return {
+    out = {
         **_stack(chosen, [ex["chosen_loss_mask"] for ex in examples], length, pad_id, "chosen_"),
         **_stack(rejected, [ex["rejected_loss_mask"] for ex in examples], length, pad_id,
                  "rejected_"),
     }
+    idx = loss_index(out["chosen_loss_mask"], out["rejected_loss_mask"],
+                     pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
+    if idx is not None:
+        out["chosen_loss_index"], out["rejected_loss_index"] = idx
+    return out
 
 
 def collate_unpaired(examples, *, pad_id: int, max_length: int | None = None,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxalign.models.config import GPT2Config
 from jaxalign.models.remat import dropout_rng, remat_call
-from jaxalign.models.layers import Linear, dot_product_attention, prepare_inputs
+from jaxalign.models.layers import Linear, dot_product_attention, prepare_inputs, select_positions
 
 Dtype = Any
 
@@ -129,7 +129,7 @@ class GPT2LMHeadModel(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, attention_mask=None, positions=None, cache=None,
-                 deterministic: bool = True, return_hidden: bool = False):
+                 deterministic: bool = True, return_hidden: bool = False, logits_at=None):
         c = self.config
         write_index, valid, positions, mask = prepare_inputs(
             tokens, attention_mask, positions, cache)
@@ -153,6 +153,7 @@ class GPT2LMHeadModel(nn.Module):
             x, nc = GPT2Block(c, i, **kw, name=f"layers_{i}")(x, mask, lc, write_index, deterministic)
             if cache is not None:
                 new_cache[f"layers_{i}"] = nc
+        x = select_positions(x, logits_at)
         x = LayerNorm(c.layer_norm_epsilon, self.dtype, self.param_dtype, name="ln_f")(x)
         out = x if return_hidden else wte.attend(x)
         if cache is None:

@@ -145,15 +145,26 @@ def rope_inv_freq(head_dim: int, rope) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotates x [B, T, H, D] by positions [B, T] (Hugging Face's rotate_half convention)."""
+def rope_tables(positions, inv_freq, dtype):
+    """(cos, sin), each [B, T, 1, D], for rope positions [B, T] (Hugging Face's rotate_half layout).
+
+    Computed once per forward pass and shared by every layer. The optimization barrier keeps XLA
+    from fusing the cos/sin into each layer's q/k rotation, which recomputed them per element for
+    every layer, forward and backward (DPO step profile: benchmarks/RESULTS.md).
+    """
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
-    cos = jnp.cos(emb)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(emb)[:, :, None, :].astype(x.dtype)
+    cos = jnp.cos(emb)[:, :, None, :].astype(dtype)
+    sin = jnp.sin(emb)[:, :, None, :].astype(dtype)
+    return jax.lax.optimization_barrier((cos, sin))
+
+
+def apply_rope(x, rope):
+    """Rotates x [B, T, H, D] by `rope` = (cos, sin) from `rope_tables`."""
+    cos, sin = rope
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
 def attention_mask_4d(q_positions, kv_positions, kv_valid, *, sliding_window=None):
@@ -192,6 +203,20 @@ def dot_product_attention(q, k, v, mask, *, scale, dtype):
     probs = jnp.where(m, probs, 0.0).astype(dtype).reshape(b, kvh, g * t, s)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, vh)  # [B, KVH, G*T, D]
     return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def select_positions(x, logits_at):
+    """x [B, T, D] at `logits_at`: a Python slice of the time axis, or int positions [B, K]
+    (one row of positions per sequence) -> [B, K, D]. None returns x unchanged."""
+    if logits_at is None:
+        return x
+    if isinstance(logits_at, slice):
+        return x[:, logits_at]
+    idx = jnp.asarray(logits_at)
+    if idx.ndim != 2 or idx.shape[0] != x.shape[0] or not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise ValueError(f"logits_at: expected int positions [B={x.shape[0]}, K] or a slice, got "
+                         f"{idx.dtype} {tuple(idx.shape)}")
+    return jnp.take_along_axis(x, idx[:, :, None], axis=1)
 
 
 def default_positions(attention_mask):

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jaxalign.models.config import LlamaConfig
 from jaxalign.models.remat import dropout_rng, remat_call
 from jaxalign.models.layers import (
-    Linear, RMSNorm, apply_rope, dot_product_attention, prepare_inputs, rope_inv_freq,
+    Linear, RMSNorm, apply_rope, dot_product_attention, prepare_inputs, rope_inv_freq, rope_tables,
+    select_positions,
 )
 
 Dtype = Any
@@ -35,7 +36,7 @@ class Attention(nn.Module):
     lora: Any = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache, write_index, deterministic):
+    def __call__(self, x, rope, mask, layer_cache, write_index, deterministic):
         c = self.config
         b, t, _ = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
@@ -53,9 +54,8 @@ class Attention(nn.Module):
                            axis_name="head_dim")
             q = RMSNorm(name="q_norm", **norm_kw)(q)
             k = RMSNorm(name="k_norm", **norm_kw)(k)
-        inv_freq = rope_inv_freq(c.head_dim, c.rope)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         new_cache = None
         if layer_cache is not None:
             k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
@@ -96,12 +96,12 @@ class Block(nn.Module):
     lora: Any = None
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache, write_index, deterministic):
+    def __call__(self, x, rope, mask, layer_cache, write_index, deterministic):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(eps=c.rms_norm_eps, name="input_layernorm", **kw)(x)
         h, new_cache = Attention(c, lora=self.lora, name="attn", **kw)(
-            h, positions, mask, layer_cache, write_index, deterministic)
+            h, rope, mask, layer_cache, write_index, deterministic)
         x = x + h
         h = RMSNorm(eps=c.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + MLP(c, lora=self.lora, name="mlp", **kw)(h, deterministic)
@@ -118,6 +118,9 @@ class LlamaForCausalLM(nn.Module):
       cache: optional KV cache from `init_cache`; then returns (logits, new_cache).
       return_hidden: return the final normed hidden states [B, T, D] instead of logits (for the
         vocabulary-chunked log-prob path).
+      logits_at: only these positions get the final norm and LM head: int [B, K] (per row, e.g.
+        the positions whose next token carries a loss) or a Python slice of the time axis;
+        the output is then [B, K, V] (or [B, K, D]). Skips the LM head where no loss needs it.
     Returns logits [B, T, V] in `dtype` (or hidden states).
     """
 
@@ -129,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, attention_mask=None, positions=None, cache=None,
-                 deterministic: bool = True, return_hidden: bool = False):
+                 deterministic: bool = True, return_hidden: bool = False, logits_at=None):
         c = self.config
         write_index, valid, positions, mask = prepare_inputs(
             tokens, attention_mask, positions, cache, sliding_window=c.sliding_window)
@@ -139,21 +142,23 @@ class LlamaForCausalLM(nn.Module):
                              nn.initializers.normal(0.02), ("vocab", "embed")),
                          name="embed_tokens")
         x = embed(tokens).astype(self.dtype)
+        rope = rope_tables(positions, rope_inv_freq(c.head_dim, c.rope), self.dtype)
         # remat (training, no cache): recompute each block in the backward pass (models/remat.py)
         remat = self.remat and cache is None and not self.is_initializing()
         new_cache = {}
         for i in range(c.num_hidden_layers):
             kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
             if remat:
-                x = remat_call(self, Block(c, **kw, parent=None), f"layers_{i}", x, positions, mask,
+                x = remat_call(self, Block(c, **kw, parent=None), f"layers_{i}", x, rope, mask,
                                static=(None, None, deterministic),
                                rng=dropout_rng(self, self.lora, deterministic))
                 continue
             layer_cache = None if cache is None else cache[f"layers_{i}"]
-            x, lc = Block(c, **kw, name=f"layers_{i}")(x, positions, mask, layer_cache, write_index,
+            x, lc = Block(c, **kw, name=f"layers_{i}")(x, rope, mask, layer_cache, write_index,
                                                        deterministic)
             if cache is not None:
                 new_cache[f"layers_{i}"] = lc
+        x = select_positions(x, logits_at)
         x = RMSNorm(eps=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
         if return_hidden:
             out = x

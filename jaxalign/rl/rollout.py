@@ -121,10 +121,11 @@ def forward_logps(model, variables, tokens, attention_mask, loss_mask, *, temper
                              "adapter on lm_head is not supported here")
         hidden = model.apply(variables, tokens, attention_mask=attention_mask, return_hidden=True)
         kernel = materialize_kernel(lm_head_kernel(variables["params"], model.config), model.dtype)
-        logits = hidden @ kernel
-    else:
-        logits = model.apply(variables, tokens, attention_mask=attention_mask)
-    logits = logits[:, :-1].astype(jnp.float32) / temperature
+        logits = hidden[:, :-1] @ kernel
+    else:  # the LM head runs on positions 0..L-2 only (the last one predicts nothing)
+        logits = model.apply(variables, tokens, attention_mask=attention_mask,
+                             logits_at=slice(None, -1))
+    logits = logits.astype(jnp.float32) / temperature
     mask = loss_mask[:, 1:]
     lp = token_logps(logits, tokens[:, 1:], mask)
     logp_all = jax.nn.log_softmax(logits, axis=-1)

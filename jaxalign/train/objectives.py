@@ -68,22 +68,44 @@ def lm_head_kernel(params, config):
     return params["lm_head"]["kernel"]
 
 
-def token_logps_of(model, variables, tokens, attention_mask, loss_mask, *, vocab_chunk=None,
-                   rng=None, deterministic=True):
-    """Per-token log-probs [B, T-1] of tokens[:, 1:] under the model, masked by loss_mask[:, 1:]."""
+def indexed_loss_mask(loss_mask, loss_index):
+    """loss_mask [B, T] read at loss_index [B, K] (0 = padding slot) -> bool [B, K]."""
+    picked = jnp.take_along_axis(loss_mask.astype(bool), loss_index, axis=1)
+    return picked & (loss_index > 0)
+
+
+def token_logps_of(model, variables, tokens, attention_mask, loss_mask, *, loss_index=None,
+                   vocab_chunk=None, rng=None, deterministic=True):
+    """Per-token log-probs of the predicted tokens under the model, masked by loss_mask.
+
+    Without `loss_index`: [B, T-1], of tokens[:, 1:] (the LM head runs on positions 0..T-2).
+    With `loss_index` int [B, K] (`jaxalign.data.collate.loss_index`: the t >= 1 with
+    loss_mask[b, t], 0 in unused slots): [B, K], of tokens[b, loss_index[b, k]]; the final norm and
+    LM head run on those K positions per row only, and slots that are not loss tokens are 0 (mask:
+    `indexed_loss_mask`). A row whose loss_mask has a loss token that loss_index misses gives NaN,
+    so an inconsistent batch cannot pass unnoticed.
+    """
     rngs = {"dropout": rng} if rng is not None and not deterministic else None
-    labels, mask = tokens[:, 1:], loss_mask[:, 1:]
+    if loss_index is None:
+        at, labels, mask = slice(None, -1), tokens[:, 1:], loss_mask[:, 1:]
+    else:
+        at = jnp.maximum(loss_index - 1, 0)
+        labels = jnp.take_along_axis(tokens, loss_index, axis=1)
+        mask = indexed_loss_mask(loss_mask, loss_index)
+    kw = dict(attention_mask=attention_mask, deterministic=deterministic, rngs=rngs, logits_at=at)
     if vocab_chunk:
-        hidden = model.apply(variables, tokens, attention_mask=attention_mask, return_hidden=True,
-                             deterministic=deterministic, rngs=rngs)
+        hidden = model.apply(variables, tokens, return_hidden=True, **kw)
         kernel = lm_head_kernel(variables["params"], model.config)
         from jaxalign.models.layers import materialize_kernel
 
         kernel = materialize_kernel(kernel, model.dtype)
-        return token_logps_from_hidden(hidden[:, :-1], kernel, labels, mask, vocab_chunk=vocab_chunk)
-    logits = model.apply(variables, tokens, attention_mask=attention_mask,
-                         deterministic=deterministic, rngs=rngs)
-    return token_logps(logits[:, :-1], labels, mask)
+        out = token_logps_from_hidden(hidden, kernel, labels, mask, vocab_chunk=vocab_chunk)
+    else:
+        out = token_logps(model.apply(variables, tokens, **kw), labels, mask)
+    if loss_index is not None:
+        missed = loss_mask[:, 1:].astype(jnp.int32).sum(-1) != mask.astype(jnp.int32).sum(-1)
+        out = jnp.where(missed[:, None], jnp.nan, out)
+    return out
 
 
 def _call_loss(fn, kwargs, available):
@@ -102,14 +124,15 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
     """Returns objective(trainable, frozen, batch, rng, deterministic) -> (loss, metrics)."""
     hp = dict(spec.loss_kwargs)
 
-    def logps(variables, tokens, am, lm, rng, deterministic):
-        tok = token_logps_of(model, variables, tokens, am, lm, vocab_chunk=spec.vocab_chunk, rng=rng,
-                             deterministic=deterministic)
-        return tok, lm[:, 1:]
+    def logps(variables, tokens, am, lm, rng, deterministic, li=None):
+        """(token log-probs, mask): [B, T-1] each, or [B, K] with a loss index `li`."""
+        tok = token_logps_of(model, variables, tokens, am, lm, loss_index=li,
+                             vocab_chunk=spec.vocab_chunk, rng=rng, deterministic=deterministic)
+        return tok, (lm[:, 1:] if li is None else indexed_loss_mask(lm, li))
 
     def sft_nll(variables, batch, prefix, rng, deterministic):
         tok, m = logps(variables, batch[prefix + "tokens"], batch[prefix + "attention_mask"],
-                       batch[prefix + "loss_mask"], rng, deterministic)
+                       batch[prefix + "loss_mask"], rng, deterministic, batch.get(prefix + "loss_index"))
         n = jnp.maximum(m.sum(), 1)
         return -jnp.sum(tok) / n, m.sum()
 
@@ -117,8 +140,11 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], 0)
         am = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], 0)
         lm = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], 0)
+        li = None
+        if "chosen_loss_index" in batch and "rejected_loss_index" in batch:
+            li = jnp.concatenate([batch["chosen_loss_index"], batch["rejected_loss_index"]], 0)
         b = batch["chosen_tokens"].shape[0]
-        tok, m = logps(policy_variables(trainable, frozen), tokens, am, lm, rng, deterministic)
+        tok, m = logps(policy_variables(trainable, frozen), tokens, am, lm, rng, deterministic, li)
         lengths = m.sum(-1).astype(jnp.float32)
         seq = reduce_sequence(tok, m, average=spec.average_logps)
         avail = {
@@ -131,7 +157,7 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
             avail["ref_chosen_logps"] = batch["ref_chosen_logps"]
             avail["ref_rejected_logps"] = batch["ref_rejected_logps"]
         elif spec.reference != "none":
-            rtok, _ = logps(reference_variables(frozen, spec.reference), tokens, am, lm, None, True)
+            rtok, _ = logps(reference_variables(frozen, spec.reference), tokens, am, lm, None, True, li)
             rseq = jax.lax.stop_gradient(reduce_sequence(rtok, m, average=spec.average_logps))
             avail["ref_chosen_logps"], avail["ref_rejected_logps"] = rseq[:b], rseq[b:]
         losses, metrics = _call_loss(spec.loss_fn, hp, avail)

@@ -52,6 +52,8 @@ def test_sft_batch_right_padded(tok):
     np.testing.assert_array_equal(batch["attention_mask"].sum(1), [7, 9])
     np.testing.assert_array_equal(batch["loss_mask"][0], [0] * 5 + [1, 1] + [0] * 5)
     np.testing.assert_array_equal(batch["loss_mask"][1], [0] * 6 + [1, 1, 1] + [0] * 3)
+    # the loss positions, padded to a multiple of 4 like T, 0 in unused slots
+    np.testing.assert_array_equal(batch["loss_index"], [[5, 6, 0, 0], [6, 7, 8, 0]])
 
 
 def test_preference_batch_common_length(tok):
@@ -60,15 +62,52 @@ def test_preference_batch_common_length(tok):
     out = tokenize_dataset(rows, tok)
     batch = make_collate_fn("preference", pad_id=0)(out.examples)
     assert set(batch) == {f"{s}_{k}" for s in ("chosen", "rejected")
-                          for k in ("tokens", "attention_mask", "loss_mask")}
+                          for k in ("tokens", "attention_mask", "loss_mask", "loss_index")}
     # the longest of all chosen and rejected (prompt 5 + "100<eos>" 4) fixes T for both
     assert batch["chosen_tokens"].shape == batch["rejected_tokens"].shape == (2, 9)
     np.testing.assert_array_equal(batch["chosen_tokens"][0], [BOS, 8, 17, 8, 20, 9, EOS, 0, 0])
     np.testing.assert_array_equal(batch["rejected_tokens"][0], [BOS, 8, 17, 8, 20, 8, 7, 7, EOS])
     np.testing.assert_array_equal(batch["rejected_loss_mask"][0], [0] * 5 + [1] * 4)
     np.testing.assert_array_equal(batch["chosen_loss_mask"][1], [0] * 5 + [1, 1, 0, 0])
+    # one K (the longest completion: "100<eos>") for chosen and rejected
+    np.testing.assert_array_equal(batch["chosen_loss_index"], [[5, 6, 0, 0], [5, 6, 0, 0]])
+    np.testing.assert_array_equal(batch["rejected_loss_index"], [[5, 6, 7, 8], [5, 6, 0, 0]])
+    batch = make_collate_fn("preference", pad_id=0, buckets=[4, 16, 32])(out.examples)
+    assert batch["chosen_tokens"].shape == (2, 16) and batch["chosen_loss_index"].shape == (2, 4)
+    # K padded to the bucket 16 would not be below T - 1: no index, objectives use all positions
     batch = make_collate_fn("preference", pad_id=0, buckets=[16, 32])(out.examples)
-    assert batch["chosen_tokens"].shape == (2, 16)
+    assert "chosen_loss_index" not in batch and "rejected_loss_index" not in batch
+
+
+def test_loss_index_rules():
+    from jaxalign.data.collate import loss_index
+
+    m = np.array([[1, 1, 0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]], bool)
+    # position 0 is never predicted; an all-prompt row has only unused slots
+    (idx,) = loss_index(m)
+    np.testing.assert_array_equal(idx, [[1, 3], [0, 0]])
+    assert idx.dtype == np.int32
+    (idx,) = loss_index(m, pad_to_multiple_of=4)
+    np.testing.assert_array_equal(idx, [[1, 3, 0, 0], [0, 0, 0, 0]])
+    assert loss_index(m, pad_to_multiple_of=8) is None  # K = 8 >= T - 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.lists(st.booleans(), min_size=12, max_size=12), min_size=1, max_size=4))
+def test_loss_index_lists_exactly_the_loss_positions(rows):
+    from jaxalign.data.collate import loss_index
+
+    m = np.array(rows, bool)
+    out = loss_index(m)
+    n = int(m[:, 1:].sum(1).max())
+    if max(n, 1) >= m.shape[1] - 1:
+        assert out is None
+        return
+    (idx,) = out
+    for row, ix in zip(m, idx):
+        want = np.flatnonzero(row[1:]) + 1
+        np.testing.assert_array_equal(ix[:len(want)], want)
+        assert not ix[len(want):].any()
 
 
 def test_kto_kl_pairs(tok):
