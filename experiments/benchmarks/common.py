@@ -357,18 +357,24 @@ def attention_flops_fwd(layers: int, heads: int, head_dim: int, n_seq: int, seq_
     return 4.0 * layers * n_seq * heads * seq_len ** 2 * head_dim
 
 
-def dpo_step_flops(s: Shapes, *, reference_forward: bool, lora_rank: int | None = None) -> float:
+def dpo_step_flops(s: Shapes, *, reference_forward: bool, lora_rank: int | None = None,
+                   head_positions: int | None = None) -> float:
     """Model FLOPs of one DPO step on 2 * pairs sequences of s.seq_len tokens.
 
     Full fine-tune: policy forward + backward = 3 x forward (6 N tokens + 3 x attention),
     reference forward = 1 x forward (2 N tokens + attention).
     LoRA: the frozen base needs its forward and the activation gradient (2 x forward), not weight
     gradients; the adapters cost 3 x their forward (2 N_lora tokens).
-    N counts every matmul parameter including the LM head (applied at every position)."""
+    N counts every matmul parameter; the LM head's share is counted at `head_positions` positions
+    per sequence (default: every position; TRL on CPU scores seq_len - 1, jaxalign with a loss
+    index only the completion positions)."""
     hd = s.hidden // s.heads
-    n = linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, hd, s.vocab)
+    body = linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, hd, s.vocab, lm_head=False)
     tokens = s.tokens_per_step
-    fwd = 2.0 * n * tokens + attention_flops_fwd(s.layers, s.heads, hd, 2 * s.pairs, s.seq_len)
+    n_seq = 2 * s.pairs
+    head_tokens = n_seq * (s.seq_len if head_positions is None else head_positions)
+    fwd = (2.0 * body * tokens + 2.0 * s.hidden * s.vocab * head_tokens
+           + attention_flops_fwd(s.layers, s.heads, hd, n_seq, s.seq_len))
     if lora_rank is None:
         policy = 3.0 * fwd
     else:

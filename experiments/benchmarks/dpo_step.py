@@ -221,6 +221,7 @@ SWEEP_ROUNDS = 3
 # ----------------------------------------------------------------------------- reporting
 PEAK_JAX, PEAK_TORCH = "fp32 matmul peak, JAX", "fp32 matmul peak, torch"
 TRL_1T = "trl, torch.set_num_threads(1)"
+ALL_POS = "jaxalign, LM head at all positions"
 TRL_PRE_1T = "trl precomputed, torch.set_num_threads(1)"
 
 
@@ -294,7 +295,10 @@ def main(argv=None):
         if seq_len != s.seq_len:
             raise RuntimeError(f"TRL collated length {seq_len}, expected {s.seq_len}")
         jb_ref = [C.trl_to_jaxalign(b) for b in b_ref]
+        k_head = jb_ref[0]["chosen_loss_index"].shape[1]  # completion positions per sequence
         jx_ref, info_ref = make_jaxalign_step(model_dir, jb_ref)
+        jx_all, info_all = make_jaxalign_step(model_dir, [C.trl_to_jaxalign(b, loss_index=False)
+                                                          for b in b_ref])
         jx_chunk, info_chunk = make_jaxalign_step(model_dir, jb_ref, vocab_chunk=chunk)
         jx_pre, info_pre = make_jaxalign_step(model_dir, [C.trl_to_jaxalign(b) for b in b_pre],
                                               reference="precomputed")
@@ -302,23 +306,29 @@ def main(argv=None):
         first_trl = trl_fn()  # TRL's first step records logps/chosen for the sanity check
         trl_logps = trl_first_logps(trl_ref)
         probes, probe_flops, n_peak = peak_fns(args.smoke)
-        fns = {"trl": trl_fn, "jaxalign": jx_ref, f"jaxalign vocab_chunk={chunk}": jx_chunk,
+        fns = {"trl": trl_fn, "jaxalign": jx_ref, ALL_POS: jx_all, f"jaxalign vocab_chunk={chunk}": jx_chunk,
                "trl precomputed": trl_pre_fn, "jaxalign precomputed": jx_pre,
                TRL_1T: with_torch_threads(trl_fn, 1), TRL_PRE_1T: with_torch_threads(trl_pre_fn, 1),
                **probes}
         times = C.alternate(fns, steps=steps, warmup=warmup)
     m["uptime_end"] = C.load_average()
 
-    f_ref = C.dpo_step_flops(s, reference_forward=True)
-    f_pre = C.dpo_step_flops(s, reference_forward=False)
+    # FLOPs each contestant performs: the LM head at seq_len - 1 positions per sequence (TRL on
+    # CPU, jaxalign without a loss index) or at the k_head completion positions (loss index)
+    t1 = s.seq_len - 1
+    f_trl, f_all = (C.dpo_step_flops(s, reference_forward=True, head_positions=t1),) * 2
+    f_ref = C.dpo_step_flops(s, reference_forward=True, head_positions=k_head)
+    f_trl_pre = C.dpo_step_flops(s, reference_forward=False, head_positions=t1)
+    f_pre = C.dpo_step_flops(s, reference_forward=False, head_positions=k_head)
     meta = {
-        "trl": dict(flops=f_ref, baseline="trl", lib="torch"),
+        "trl": dict(flops=f_trl, baseline="trl", lib="torch"),
         "jaxalign": dict(flops=f_ref, baseline="trl", lib="jax", xla_flops=info_ref["xla_flops"]),
+        ALL_POS: dict(flops=f_all, baseline="trl", lib="jax", xla_flops=info_all["xla_flops"]),
         f"jaxalign vocab_chunk={chunk}": dict(flops=f_ref, baseline="trl", lib="jax",
                                               xla_flops=info_chunk["xla_flops"]),
-        TRL_1T: dict(flops=f_ref, baseline="trl", lib="torch"),
-        "trl precomputed": dict(flops=f_pre, baseline="trl precomputed", lib="torch"),
-        TRL_PRE_1T: dict(flops=f_pre, baseline="trl precomputed", lib="torch"),
+        TRL_1T: dict(flops=f_trl, baseline="trl", lib="torch"),
+        "trl precomputed": dict(flops=f_trl_pre, baseline="trl precomputed", lib="torch"),
+        TRL_PRE_1T: dict(flops=f_trl_pre, baseline="trl precomputed", lib="torch"),
         "jaxalign precomputed": dict(flops=f_pre, baseline="trl precomputed", lib="jax",
                                      xla_flops=info_pre["xla_flops"]),
     }
@@ -329,6 +339,7 @@ def main(argv=None):
         "shapes": dataclasses.asdict(s), "peak_flops": peak, "median_s": med, "times": times,
         "tokens_per_s": {k: tokens / med[k] for k in meta},
         "speedup_vs_trl": med["trl"] / med["jaxalign"],
+        "speedup_all_positions_vs_trl": med["trl"] / med[ALL_POS],
         "speedup_precomputed_vs_trl_precomputed": med["trl precomputed"] / med["jaxalign precomputed"],
         "speedup_jaxalign_precomputed_vs_trl": med["trl"] / med["jaxalign precomputed"],
         "best_jaxalign_vs_trl": med["trl"] / best,
@@ -336,6 +347,7 @@ def main(argv=None):
         "speedup_precomputed_vs_best_trl_precomputed":
             min(med["trl precomputed"], med[TRL_PRE_1T]) / med["jaxalign precomputed"],
         "fraction_of_peak": f_ref / med["jaxalign"] / peak["jax"],
+        "fraction_of_peak_all_positions": f_all / med[ALL_POS] / peak["jax"],
         "fraction_of_peak_precomputed": f_pre / med["jaxalign precomputed"] / peak["jax"],
         "sanity": {"jaxalign_first_loss": info_ref["first_loss"], "trl_first_loss": first_trl,
                    "jaxalign_logps_chosen": info_ref["first_logps_chosen"], "trl_logps_chosen": trl_logps},
@@ -360,8 +372,11 @@ def main(argv=None):
         C.table(STEP_HEADERS, rows_out),
         peak_line(peak, n_peak) + " Model FLOPs: 6 N tokens (policy forward+backward) + 2 N tokens "
         "(reference forward, absent when precomputed) + attention (4 B H T^2 d per layer forward, "
-        "x3 with backward), N = all matmul weights incl. the LM head at every position "
-        f"({C.linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, s.hidden // s.heads, s.vocab):,}).",
+        "x3 with backward), N = all matmul weights "
+        f"({C.linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, s.hidden // s.heads, s.vocab):,}), "
+        "each contestant's LM head counted where it runs: TRL (which on CPU scores every position) "
+        f"and `{ALL_POS}` at {t1} positions per sequence, jaxalign with the loss index its collator "
+        f"adds at the {k_head} completion positions. Each library's % is of its own measured peak.",
         f"Sanity: first-step loss jaxalign {info_ref['first_loss']:.6f} / TRL {first_trl:.6f} (log 2 = "
         f"0.693147); mean chosen log-prob at step 0 jaxalign {info_ref['first_logps_chosen']:.4f} / TRL "
         f"{trl_logps:.4f}.",

@@ -68,6 +68,7 @@ def main(argv=None):
         trl_lora = D.make_trl_trainer(model_dir, tok, rows, s, os.path.join(d, "lora"), peft_config=peft_cfg())
         batches = D.trl_batches(trl_lora, s, n_batches)
         jb = [C.trl_to_jaxalign(b) for b in batches]
+        k_head = jb[0]["chosen_loss_index"].shape[1]  # completion positions per sequence
         jx_lora, info_lora = D.make_jaxalign_step(model_dir, jb, lora_spec=spec)
         jx_q, info_q = D.make_jaxalign_step(model_dir, jb, lora_spec=spec, nf4=True)
         trl_lora_fn = D.trl_step_fn(trl_lora, batches)
@@ -92,16 +93,19 @@ def main(argv=None):
         trl_lora_params = sum(p.numel() for p in trl_lora.model.parameters() if p.requires_grad)
     m["uptime_end"] = C.load_average()
 
-    fl = C.dpo_step_flops(s, reference_forward=True, lora_rank=RANK)
+    # the LM head counted where each runs: TRL on CPU at seq_len - 1 positions, jaxalign (loss
+    # index) at the completion positions
+    fl = C.dpo_step_flops(s, reference_forward=True, lora_rank=RANK, head_positions=s.seq_len - 1)
+    fl_jx = C.dpo_step_flops(s, reference_forward=True, lora_rank=RANK, head_positions=k_head)
     meta = {"trl + peft (LoRA)": dict(flops=fl, baseline="trl + peft (LoRA)", lib="torch"),
-            "jaxalign LoRA": dict(flops=fl, baseline="trl + peft (LoRA)", lib="jax",
+            "jaxalign LoRA": dict(flops=fl_jx, baseline="trl + peft (LoRA)", lib="jax",
                                   xla_flops=info_lora["xla_flops"])}
     meta[LORA_1T] = dict(flops=fl, baseline="trl + peft (LoRA)", lib="torch")
     q_base = "trl + peft + bitsandbytes (QLoRA)"
     if q_base in times:
         meta[q_base] = dict(flops=fl, baseline=q_base, lib="torch")
         meta[QLORA_1T] = dict(flops=fl, baseline=q_base, lib="torch")
-    meta["jaxalign QLoRA (NF4 base)"] = dict(flops=fl, baseline=q_base if q_base in times else "trl + peft (LoRA)",
+    meta["jaxalign QLoRA (NF4 base)"] = dict(flops=fl_jx, baseline=q_base if q_base in times else "trl + peft (LoRA)",
                                              lib="jax", xla_flops=info_q["xla_flops"])
     tokens = s.tokens_per_step
     rows_out, med, peak = D.step_rows(times, meta, probe_flops, tokens)
@@ -123,7 +127,9 @@ def main(argv=None):
         D.peak_line(peak, n_peak) + " Model FLOPs (LoRA): frozen base forward + activation gradient "
         "= 2 x (2 N tokens + attention), adapters 3 x 2 N_lora tokens, reference forward 2 N tokens + "
         f"attention; N = {C.linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, hd, s.vocab):,}, "
-        f"N_lora = {C.lora_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, hd, RANK):,}.",
+        f"N_lora = {C.lora_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, hd, RANK):,}; "
+        f"the LM head counted where it runs: TRL (every position on CPU) at {s.seq_len - 1} positions "
+        f"per sequence, jaxalign (loss index from its collator) at the {k_head} completion positions.",
         "First-step losses (all start at log 2 = 0.693147 since B = 0): "
         + ", ".join(f"{k} {v:.6f}" for k, v in numbers["first_loss"].items()) + ".",
         *notes,

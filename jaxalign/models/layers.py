@@ -148,15 +148,19 @@ def rope_inv_freq(head_dim: int, rope) -> np.ndarray:
 def rope_tables(positions, inv_freq, dtype):
     """(cos, sin), each [B, T, 1, D], for rope positions [B, T] (Hugging Face's rotate_half layout).
 
-    Computed once per forward pass and shared by every layer. The optimization barrier keeps XLA
-    from fusing the cos/sin into each layer's q/k rotation, which recomputed them per element for
-    every layer, forward and backward (DPO step profile: benchmarks/RESULTS.md).
+    Computed once per forward pass and shared by every layer. XLA:CPU fuses elementwise producers
+    into each consumer and drops optimization barriers, so plain cos/sin were recomputed per
+    element inside every layer's q/k rotation, forward and backward. A conditional is a fusion
+    boundary that XLA keeps; both branches are the same function, so the predicate (read from the
+    data, so that it is not folded away) never changes the result.
     """
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
-    cos = jnp.cos(emb)[:, :, None, :].astype(dtype)
-    sin = jnp.sin(emb)[:, :, None, :].astype(dtype)
-    return jax.lax.optimization_barrier((cos, sin))
+
+    def tables(pos):
+        freqs = pos.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+        emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
+        return (jnp.cos(emb)[:, :, None, :].astype(dtype), jnp.sin(emb)[:, :, None, :].astype(dtype))
+
+    return jax.lax.cond(positions.ravel()[0] >= 0, tables, tables, positions)
 
 
 def apply_rope(x, rope):
@@ -199,10 +203,12 @@ def dot_product_attention(q, k, v, mask, *, scale, dtype):
     logits = logits.reshape(b, kvh, g, t, s)
     m = mask[:, :, None, :, :]  # [B, 1, 1, T, S]
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(m, probs, 0.0).astype(dtype).reshape(b, kvh, g * t, s)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, kvh, g * t, s)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, vh)  # [B, KVH, G*T, D]
-    return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    out = out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    # rows with no valid key (e.g. left padding) averaged v uniformly: zero them on the output,
+    # D values per row instead of S probabilities
+    return jnp.where(jnp.any(mask, axis=-1)[:, 0, :, None, None], out, jnp.zeros((), out.dtype))
 
 
 def select_positions(x, logits_at):

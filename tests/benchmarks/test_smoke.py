@@ -53,7 +53,8 @@ def test_dpo_step_smoke(tmp_path):
     assert s["trl_first_loss"] == pytest.approx(LOG2, abs=1e-5)
     # same checkpoint, same tokens: the policies' summed chosen log-probs agree
     assert s["jaxalign_logps_chosen"] == pytest.approx(s["trl_logps_chosen"], rel=1e-4)
-    assert set(n["tokens_per_s"]) == {"trl", "jaxalign", "jaxalign vocab_chunk=32", "trl precomputed",
+    assert set(n["tokens_per_s"]) == {"trl", "jaxalign", "jaxalign, LM head at all positions",
+                                      "jaxalign vocab_chunk=32", "trl precomputed",
                                       "jaxalign precomputed", "trl, torch.set_num_threads(1)",
                                       "trl precomputed, torch.set_num_threads(1)"}
 
@@ -124,3 +125,6 @@ def test_dpo_step_flops_by_hand():
     nl = 1 * 3 * ((4 + 4) * 4 + 3 * (4 + 6))  # r (in + out) over 7 modules
     assert common.lora_params(4, 6, 1, 2, 2, 2, 3) == nl
     assert common.dpo_step_flops(s, reference_forward=True, lora_rank=3) == 3 * fwd + 6 * nl * tokens
+    # the LM head (4 x 10) at 1 of the 3 positions per sequence (a loss index on the completion)
+    fwd1 = fwd - 2 * 4 * 10 * 2 * (3 - 1)
+    assert common.dpo_step_flops(s, reference_forward=True, head_positions=1) == 4 * fwd1
