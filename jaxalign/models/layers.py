@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.fusion import computed_once
+
 Dtype = Any
 
 
@@ -148,11 +150,9 @@ def rope_inv_freq(head_dim: int, rope) -> np.ndarray:
 def rope_tables(positions, inv_freq, dtype):
     """(cos, sin), each [B, T, 1, D], for rope positions [B, T] (Hugging Face's rotate_half layout).
 
-    Computed once per forward pass and shared by every layer. XLA:CPU fuses elementwise producers
-    into each consumer and drops optimization barriers, so plain cos/sin were recomputed per
-    element inside every layer's q/k rotation, forward and backward. A conditional is a fusion
-    boundary that XLA keeps; both branches are the same function, so the predicate (read from the
-    data, so that it is not folded away) never changes the result.
+    Computed once per forward pass and shared by every layer, as its own computation
+    (`jaxalign.fusion.computed_once`): fused into the layers, cos/sin were recomputed per element
+    in every layer's q/k rotation, forward and backward.
     """
 
     def tables(pos):
@@ -160,7 +160,7 @@ def rope_tables(positions, inv_freq, dtype):
         emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
         return (jnp.cos(emb)[:, :, None, :].astype(dtype), jnp.sin(emb)[:, :, None, :].astype(dtype))
 
-    return jax.lax.cond(positions.ravel()[0] >= 0, tables, tables, positions)
+    return computed_once(tables, positions)
 
 
 def apply_rope(x, rope):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.dependency import zero_from
+from jaxalign.fusion import computed_once
 
 Array = jax.Array
 
@@ -373,9 +374,13 @@ def _lookup_nf4(nib: Array) -> Array:
 def _dequantize_impl(q: NF4Tensor, dtype: Any, zero: Array | None) -> Array:
     q = jax.tree_util.tree_map(_gather_explicit, q)
     n, bs = q.size, q.block_size
-    scale = dequantize_absmax(q)
-    if zero is not None:
-        scale = scale + zero
+    # the [nblocks] scales once, not re-derived (double quant: a lookup, a product, a sum) for each
+    # of the block's elements inside the fused dequantization loop; `zero` goes in with them so
+    # that they too wait for `after`
+    if zero is None:
+        scale = computed_once(dequantize_absmax, q)
+    else:
+        scale = computed_once(lambda qq, z: dequantize_absmax(qq) + z, q, zero)
     codes = _blocks(q.codes, bs // 2)  # [nblocks, bs/2]: a block is bs/2 whole bytes (bs even)
     hi = _lookup_nf4(codes >> 4) * scale[:, None]
     lo = _lookup_nf4(codes & 15) * scale[:, None]
