@@ -64,4 +64,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from jaxalign.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # the process's own allocator setting (jaxalign/host_memory.py)
     main()

@@ -41,6 +41,27 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_host_memory_flag(p: argparse.ArgumentParser) -> None:
+    """--system-malloc, for the training-step benchmarks (see `host_memory_setting`)."""
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc settings alone (default: jaxalign.host_memory."
+                        "reuse_freed_memory(), as jaxalign's command-line entry points do; it "
+                        "applies to every contestant in the process)")
+
+
+def host_memory_setting(args) -> str:
+    """Applies jaxalign's host-memory setting unless --system-malloc; returns a line for RESULTS."""
+    if getattr(args, "system_malloc", False):
+        return "Host memory: glibc malloc defaults (`--system-malloc`)."
+    from jaxalign.host_memory import reuse_freed_memory
+
+    applied = reuse_freed_memory()
+    return ("Host memory: `jaxalign.host_memory.reuse_freed_memory()` " +
+            ("applied" if applied else "not available here") +
+            " at process start (as jaxalign's command-line entry points do): one malloc arena, no "
+            "mmap, no trimming, for every contestant in the process.")
+
+
 def command_line(argv: Sequence[str] | None) -> str:
     script = Path(sys.argv[0]).resolve()
     try:

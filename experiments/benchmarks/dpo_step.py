@@ -276,7 +276,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=0, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--xla-sweep", action="store_true", help="time jaxalign under other XLA CPU flags")
+    C.add_host_memory_flag(p)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole comparison in this many fresh processes; report each")
     args = p.parse_args(argv)
+    if args.rounds > 1:
+        return rounds_main(args, argv_list)
+    malloc_line = C.host_memory_setting(args)
     s = C.SMOKE if args.smoke else C.FULL
     steps = args.steps or (2 if args.smoke else 10)
     warmup = 1 if args.smoke else args.warmup
@@ -380,14 +386,74 @@ def main(argv=None):
         f"Sanity: first-step loss jaxalign {info_ref['first_loss']:.6f} / TRL {first_trl:.6f} (log 2 = "
         f"0.693147); mean chosen log-prob at step 0 jaxalign {info_ref['first_logps_chosen']:.4f} / TRL "
         f"{trl_logps:.4f}.",
+        malloc_line,
         f"Load at end: `{m['uptime_end']}`.",
     ]
+    numbers["parts"] = list(parts)
     if sweep_rows:
         parts.append(f"XLA CPU flag sweep (jaxalign step with reference model only; one fresh process per "
                      f"flag set and round, {SWEEP_ROUNDS} rounds alternating the flag sets):\n\n"
                      + C.table(["XLA_FLAGS", "per-round median step ms", "median of rounds ms",
                                 "tokens/s"], sweep_rows))
     return C.finish(args, "dpo_step", "DPO step, full fine-tune: jaxalign vs TRL", argv, m, parts, numbers)
+
+
+# ----------------------------------------------------------------------------- rounds
+def rounds_main(args, argv_list):
+    """The comparison in `args.rounds` fresh processes, one after another: each round is the
+    single-process benchmark (contestants interleaved step by step). Both libraries' step times
+    move between processes on this machine (e.g. TRL 751-958 ms in three runs on one afternoon),
+    so the section reports every round and the median of the per-round speedups."""
+    import json
+    import subprocess
+
+    here = str(Path(__file__).resolve())
+    pass_on = ["--smoke"] if args.smoke else []
+    if args.steps:
+        pass_on += ["--steps", str(args.steps)]
+    pass_on += ["--warmup", str(args.warmup)]
+    if args.system_malloc:
+        pass_on.append("--system-malloc")
+    m = C.machine()
+    rounds = []
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(args.rounds):
+            out = os.path.join(d, f"round{r}.json")
+            proc = subprocess.run([sys.executable, here, *pass_on, "--results", "", "--json", out],
+                                  capture_output=True, text=True, cwd=str(C.REPO))
+            if proc.returncode != 0:
+                raise RuntimeError(f"round {r} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+            rounds.append(json.loads(Path(out).read_text()))
+    m["uptime_end"] = C.load_average()
+    key = {"speedup vs TRL": "speedup_vs_trl",
+           "LM head at all positions vs TRL": "speedup_all_positions_vs_trl",
+           "precomputed vs TRL precomputed": "speedup_precomputed_vs_trl_precomputed",
+           "% of JAX fp32 peak": "fraction_of_peak",
+           "% of peak, all positions": "fraction_of_peak_all_positions"}
+    rows = []
+    for i, n in enumerate(rounds):
+        med = n["median_s"]
+        rows.append([i + 1, med["trl"] * 1e3, med["jaxalign"] * 1e3, n["speedup_vs_trl"],
+                     n["speedup_all_positions_vs_trl"], n["speedup_precomputed_vs_trl_precomputed"],
+                     100 * n["fraction_of_peak"], 100 * n["fraction_of_peak_all_positions"]])
+    summary = {name: C.median([n[k] for n in rounds]) for name, k in key.items()}
+    rows.append(["median", C.median([r[1] for r in rows]), C.median([r[2] for r in rows]),
+                 summary["speedup vs TRL"], summary["LM head at all positions vs TRL"],
+                 summary["precomputed vs TRL precomputed"], 100 * summary["% of JAX fp32 peak"],
+                 100 * summary["% of peak, all positions"]])
+    order = sorted(range(len(rounds)), key=lambda i: rounds[i]["speedup_vs_trl"])
+    mid = order[len(order) // 2]
+    parts = [
+        f"{args.rounds} rounds, each a fresh process running the whole comparison below (contestants "
+        "interleaved step by step, medians); per round:",
+        C.table(["round", "TRL ms", "jaxalign ms", "speedup vs TRL", "LM head at all positions vs TRL",
+                 "precomputed vs TRL precomputed", "% of JAX fp32 peak", "% of peak, all positions"], rows),
+        f"The full table of the median round (round {mid + 1}):",
+        *rounds[mid]["parts"],
+    ]
+    numbers = {"rounds": rounds, "median": summary}
+    return C.finish(args, "dpo_step", "DPO step, full fine-tune: jaxalign vs TRL", argv_list, m, parts,
+                    numbers)
 
 
 if __name__ == "__main__":

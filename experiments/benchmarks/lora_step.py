@@ -42,7 +42,9 @@ def main(argv=None):
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=0, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=2)
+    C.add_host_memory_flag(p)
     args = p.parse_args(argv)
+    malloc_line = C.host_memory_setting(args)
     import torch
     import transformers
     from peft import LoraConfig
@@ -133,6 +135,7 @@ def main(argv=None):
         "First-step losses (all start at log 2 = 0.693147 since B = 0): "
         + ", ".join(f"{k} {v:.6f}" for k, v in numbers["first_loss"].items()) + ".",
         *notes,
+        malloc_line,
         f"Load at end: `{m['uptime_end']}`.",
     ]
     return C.finish(args, "lora_step", "DPO step with LoRA / QLoRA: jaxalign vs TRL + PEFT (+ bitsandbytes)",

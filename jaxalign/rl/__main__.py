@@ -10,6 +10,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "online experiment con
 def main(argv):
     from absl import logging
 
+    from jaxalign.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # before JAX starts its threads (jaxalign/host_memory.py)
+
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -26,10 +26,12 @@ def _numbers(tree):
         yield tree
 
 
-def _run(name, tmp_path):
+def _run(name, tmp_path, *extra):
     mod = importlib.import_module(f"experiments.benchmarks.{name}")
     results, out = tmp_path / "RESULTS.md", tmp_path / "numbers.json"
-    returned = mod.main(["--smoke", "--results", str(results), "--json", str(out)])
+    # --system-malloc: the pytest process keeps its allocator (tests/test_host_memory.py covers it)
+    flags = ["--system-malloc"] if name in ("dpo_step", "lora_step") else []
+    returned = mod.main(["--smoke", *flags, "--results", str(results), "--json", str(out), *extra])
     text = results.read_text()
     assert f"<!-- BEGIN bench:{name} -->" in text and f"<!-- END bench:{name} -->" in text
     assert "nproc" in text and "Command: `python" in text
@@ -57,6 +59,16 @@ def test_dpo_step_smoke(tmp_path):
                                       "jaxalign vocab_chunk=32", "trl precomputed",
                                       "jaxalign precomputed", "trl, torch.set_num_threads(1)",
                                       "trl precomputed, torch.set_num_threads(1)"}
+
+
+@pytest.mark.slow
+def test_dpo_step_rounds_smoke(tmp_path):
+    n = _run("dpo_step", tmp_path, "--rounds", "2")
+    assert len(n["rounds"]) == 2
+    for r in n["rounds"]:
+        _positive_times(r["median_s"])
+    assert all(v > 0 for v in n["median"].values())
+    assert "round | TRL ms" in (tmp_path / "RESULTS.md").read_text()
 
 
 @pytest.mark.slow
