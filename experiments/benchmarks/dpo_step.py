@@ -402,7 +402,7 @@ def main(argv=None):
 def rounds_main(args, argv_list):
     """The comparison in `args.rounds` fresh processes, one after another: each round is the
     single-process benchmark (contestants interleaved step by step). Both libraries' step times
-    move between processes on this machine (e.g. TRL 751-958 ms in three runs on one afternoon),
+    move between processes on this machine (TRL 680-958 ms in runs of one afternoon: RESULTS.md),
     so the section reports every round and the median of the per-round speedups."""
     import json
     import subprocess
