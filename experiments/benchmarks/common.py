@@ -338,7 +338,7 @@ def trl_to_jaxalign(batch, *, loss_index: bool = True) -> dict:
     `loss_index=False`."""
     import numpy as np
 
-    from jaxalign.data.collate import loss_index as make_loss_index
+    from jaxalign.data.collate import add_loss_index
 
     ids = np.asarray(batch["input_ids"], np.int32)
     am = np.asarray(batch["attention_mask"], np.int32)
@@ -349,10 +349,7 @@ def trl_to_jaxalign(batch, *, loss_index: bool = True) -> dict:
     for k in ("ref_chosen_logps", "ref_rejected_logps"):
         if k in batch:
             out[k] = np.asarray(batch[k], np.float32)
-    idx = make_loss_index(cm[:b], cm[b:]) if loss_index else None
-    if idx is not None:
-        out["chosen_loss_index"], out["rejected_loss_index"] = idx
-    return out
+    return add_loss_index(out, ("chosen_", "rejected_")) if loss_index else out
 
 
 # ----------------------------------------------------------------------------- FLOPs

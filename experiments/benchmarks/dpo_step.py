@@ -195,7 +195,7 @@ def jax_batch(s: C.Shapes, *, seed: int, loss_index: bool = True):
     jaxalign's loss index unless `loss_index=False`."""
     import numpy as np
 
-    from jaxalign.data.collate import loss_index as make_loss_index
+    from jaxalign.data.collate import add_loss_index
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -206,10 +206,7 @@ def jax_batch(s: C.Shapes, *, seed: int, loss_index: bool = True):
         lm[:, s.prompt:] = 1
         out.update({f"{side}_tokens": ids, f"{side}_attention_mask": np.ones_like(ids),
                     f"{side}_loss_mask": lm})
-    idx = make_loss_index(out["chosen_loss_mask"], out["rejected_loss_mask"]) if loss_index else None
-    if idx is not None:
-        out["chosen_loss_index"], out["rejected_loss_index"] = idx
-    return out
+    return add_loss_index(out, ("chosen_", "rejected_")) if loss_index else out
 
 
 XLA_SWEEP = ("", "--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=true",

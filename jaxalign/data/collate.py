@@ -113,6 +113,18 @@ def loss_index(*loss_masks: np.ndarray, pad_to_multiple_of: int | None = None,
     return out
 
 
+def add_loss_index(batch: dict, prefixes: Sequence[str] = ("",), *,
+                   pad_to_multiple_of: int | None = None,
+                   buckets: Sequence[int] | None = None) -> dict:
+    """Adds `{prefix}loss_index` for each prefix's `{prefix}loss_mask` to `batch` (in place, one
+    common K; nothing when `loss_index` returns None); returns the batch."""
+    idx = loss_index(*(batch[f"{p}loss_mask"] for p in prefixes),
+                     pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
+    if idx is not None:
+        batch.update({f"{p}loss_index": i for p, i in zip(prefixes, idx)})
+    return batch
+
+
 def collate_sft(examples, *, pad_id: int, pad_to_multiple_of: int | None = None,
                 buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Right-pads `input_ids`/`loss_mask` examples into tokens, attention_mask, loss_mask [B, T]."""
@@ -121,10 +133,7 @@ def collate_sft(examples, *, pad_id: int, pad_to_multiple_of: int | None = None,
     length = padded_length(max(map(len, seqs)), pad_to_multiple_of=pad_to_multiple_of,
                            buckets=buckets)
     out = _stack(seqs, [ex["loss_mask"] for ex in examples], length, pad_id)
-    idx = loss_index(out["loss_mask"], pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
-    if idx is not None:
-        out["loss_index"] = idx[0]
-    return out
+    return add_loss_index(out, pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
 
 
 def collate_preference(examples, *, pad_id: int, pad_to_multiple_of: int | None = None,
@@ -140,11 +149,8 @@ def collate_preference(examples, *, pad_id: int, pad_to_multiple_of: int | None 
         **_stack(rejected, [ex["rejected_loss_mask"] for ex in examples], length, pad_id,
                  "rejected_"),
     }
-    idx = loss_index(out["chosen_loss_mask"], out["rejected_loss_mask"],
-                     pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
-    if idx is not None:
-        out["chosen_loss_index"], out["rejected_loss_index"] = idx
-    return out
+    return add_loss_index(out, ("chosen_", "rejected_"), pad_to_multiple_of=pad_to_multiple_of,
+                          buckets=buckets)
 
 
 def collate_unpaired(examples, *, pad_id: int, max_length: int | None = None,
