@@ -8,6 +8,10 @@ Typical use:
     for batch, state in iterate_batches(tok_ds.examples, collate, batch_size=8, seed=0,
                                         state=saved_state):
         ...  # batch["chosen_tokens"]: int32 [B, T]; save `state` with the checkpoint
+
+`make_collate_fn("preference", ..., share_prefix=True)` packs each pair after one copy of its
+prompt (`prefix_sharing.py`): the preference objectives compute the same log-probs with fewer
+token positions.
 """
 
 from jaxalign.data.batching import IteratorState, epoch_order, iterate_batches
@@ -21,6 +25,7 @@ from jaxalign.data.collate import (
 )
 from jaxalign.data.formats import FORMATS, detect_format, extract_prompt, validate_row
 from jaxalign.data.load import load_dataset
+from jaxalign.data.prefix_sharing import share_prefix
 from jaxalign.data.report import DataError, DataReport
 from jaxalign.data.rewards import exact_match_reward, format_reward
 from jaxalign.data.synthetic import (
@@ -40,5 +45,5 @@ __all__ = [
     "collate_unpaired", "detect_format", "epoch_order", "exact_match_reward", "extract_prompt",
     "format_reward", "is_heldout", "iterate_batches", "load_dataset", "make_collate_fn",
     "make_kto_dataset", "make_preference_dataset", "make_prompt_dataset", "make_sft_dataset",
-    "padded_length", "tokenize_dataset", "validate_row",
+    "padded_length", "share_prefix", "tokenize_dataset", "validate_row",
 ]

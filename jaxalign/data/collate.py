@@ -212,8 +212,12 @@ COLLATORS: dict[str, Callable[..., dict]] = {
 
 def make_collate_fn(kind: str, *, pad_id: int, pad_to_multiple_of: int | None = None,
                     buckets: Sequence[int] | None = None, max_length: int | None = None,
-                    truncation_mode: str = "keep_start") -> Callable[[Sequence[dict]], dict]:
-    """The collator for a `TokenizedDataset.kind`, with its settings bound."""
+                    truncation_mode: str = "keep_start",
+                    share_prefix: bool = False) -> Callable[[Sequence[dict]], dict]:
+    """The collator for a `TokenizedDataset.kind`, with its settings bound.
+
+    share_prefix (preference only): pack each pair after one copy of its common prefix
+    (`jaxalign.data.prefix_sharing`), so the prompt is computed once per pair."""
     if kind not in COLLATORS:
         raise ValueError(f"`kind` must be one of {list(COLLATORS)}, got {kind!r}")
     padded_length(1, pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)  # validates them
@@ -221,4 +225,12 @@ def make_collate_fn(kind: str, *, pad_id: int, pad_to_multiple_of: int | None = 
                                   buckets=buckets)
     if kind == "unpaired":
         kwargs.update(max_length=max_length, truncation_mode=truncation_mode)
-    return functools.partial(COLLATORS[kind], **kwargs)
+    collate = functools.partial(COLLATORS[kind], **kwargs)
+    if not share_prefix:
+        return collate
+    if kind != "preference":
+        raise ValueError(f"share_prefix packs chosen/rejected pairs: it needs kind='preference', "
+                         f"got {kind!r}")
+    from jaxalign.data.prefix_sharing import sharing_prefix
+
+    return sharing_prefix(collate, **kwargs)

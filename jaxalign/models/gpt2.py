@@ -129,10 +129,12 @@ class GPT2LMHeadModel(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, attention_mask=None, positions=None, cache=None,
-                 deterministic: bool = True, return_hidden: bool = False, logits_at=None):
+                 deterministic: bool = True, return_hidden: bool = False, logits_at=None,
+                 segment_ids=None):
         c = self.config
         write_index, valid, positions, mask = prepare_inputs(
-            tokens, attention_mask, positions, cache)
+            tokens, attention_mask, positions, cache,
+            segment_ids=segment_ids)
         emb_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         wte = nn.Embed(c.vocab_size, c.n_embd, name="wte", embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("vocab", "embed")), **emb_kw)

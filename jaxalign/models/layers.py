@@ -171,15 +171,21 @@ def apply_rope(x, rope):
     return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
-def attention_mask_4d(q_positions, kv_positions, kv_valid, *, sliding_window=None):
+def attention_mask_4d(q_positions, kv_positions, kv_valid, *, sliding_window=None,
+                      q_segments=None, kv_segments=None):
     """Boolean mask [B, 1, Tq, Tk]: causal by position, key padding, optional sliding window.
 
     q_positions [B, Tq] and kv_positions [B, Tk] are the sequence slots (not rope positions)
-    of queries and keys; kv_valid [B, Tk] marks real (non-padding) keys.
+    of queries and keys; kv_valid [B, Tk] marks real (non-padding) keys. With segment ids
+    (int [B, Tq] / [B, Tk]; see `prepare_inputs`), a query also needs its key in segment 0 (the
+    shared prefix) or in its own segment.
     """
     q = q_positions[:, :, None]
     k = kv_positions[:, None, :]
     mask = (k <= q) & kv_valid[:, None, :]
+    if q_segments is not None:
+        ks = kv_segments[:, None, :]
+        mask = mask & ((ks == 0) | (ks == q_segments[:, :, None]))
     if sliding_window is not None:
         mask = mask & (q - k < sliding_window)
     return mask[:, None, :, :]
@@ -232,16 +238,38 @@ def default_positions(attention_mask):
     return jnp.maximum(jnp.cumsum(am, axis=-1) - 1, 0)
 
 
-def prepare_inputs(tokens, attention_mask, positions, cache, *, sliding_window=None):
+def prepare_inputs(tokens, attention_mask, positions, cache, *, sliding_window=None,
+                   segment_ids=None):
     """Shared decoder preamble: (write_index, valid [B, S], positions [B, T], mask [B, 1, T, S]).
 
     Without a cache, keys are the T input slots; with one, the T new tokens are written at
     `cache['index']` and attend over all S cache slots that hold real tokens.
+
+    segment_ids int [B, T] (no cache) packs several sequences that share a prefix into one row:
+    segment 0 is the shared prefix, each other id one continuation placed after it (and after the
+    continuations before it). A token attends to the earlier real tokens of segment 0 and of its
+    own segment, and its default position counts exactly those tokens, so every continuation
+    sees what it would see alone after the prefix (prefix sharing: `jaxalign.data.prefix_sharing`).
     """
     b, t = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), jnp.bool_)
     attention_mask = attention_mask.astype(jnp.bool_)
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError("segment_ids (packed continuations of a shared prefix) are for "
+                             "training forwards; they cannot be combined with a KV cache")
+        if tuple(segment_ids.shape) != (b, t):
+            raise ValueError(f"segment_ids: expected shape {(b, t)} like tokens, got "
+                             f"{tuple(segment_ids.shape)}")
+        slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = attention_mask_4d(slots, slots, attention_mask, q_segments=segment_ids,
+                                 kv_segments=segment_ids)
+        if positions is None:  # the real tokens each query sees, itself included, minus one
+            positions = jnp.maximum(mask[:, 0].astype(jnp.int32).sum(-1) - 1, 0)
+        if sliding_window is not None:  # the window counts tokens of the unpacked sequence
+            mask = mask & ((positions[:, :, None] - positions[:, None, :]) < sliding_window)[:, None]
+        return 0, attention_mask, positions, mask
     if cache is None:
         write_index = 0
         valid = attention_mask

@@ -121,6 +121,9 @@ class LlamaForCausalLM(nn.Module):
       logits_at: only these positions get the final norm and LM head: int [B, K] (per row, e.g.
         the positions whose next token carries a loss) or a Python slice of the time axis;
         the output is then [B, K, V] (or [B, K, D]). Skips the LM head where no loss needs it.
+      segment_ids: int [B, T], several continuations of one shared prefix packed in a row
+        (segment 0 = the prefix; `layers.prepare_inputs`); positions then default to each
+        token's position in its own unpacked sequence. Not with a cache.
     Returns logits [B, T, V] in `dtype` (or hidden states).
     """
 
@@ -132,10 +135,12 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, attention_mask=None, positions=None, cache=None,
-                 deterministic: bool = True, return_hidden: bool = False, logits_at=None):
+                 deterministic: bool = True, return_hidden: bool = False, logits_at=None,
+                 segment_ids=None):
         c = self.config
         write_index, valid, positions, mask = prepare_inputs(
-            tokens, attention_mask, positions, cache, sliding_window=c.sliding_window)
+            tokens, attention_mask, positions, cache, sliding_window=c.sliding_window,
+            segment_ids=segment_ids)
 
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.with_logical_partitioning(

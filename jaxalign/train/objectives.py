@@ -9,7 +9,9 @@ the same base *without* the adapter (LoRA: no second copy of the weights), or lo
 precomputed once and carried in the batch (`ref_chosen_logps`, `ref_rejected_logps`, ...).
 
 Batches (from jaxalign.data collators): token arrays aligned with the input, loss_mask[b, t] = 1
-iff token t is a completion token to predict.
+iff token t is a completion token to predict. Preference batches may instead be prefix-shared
+(`jaxalign.data.prefix_sharing.share_prefix`: each pair's prompt computed once); the preference
+objective then runs one packed forward and gets the same log-probs.
 """
 
 from __future__ import annotations
@@ -108,6 +110,35 @@ def token_logps_of(model, variables, tokens, attention_mask, loss_mask, *, loss_
     return out
 
 
+def packed_token_logps_of(model, variables, batch, *, vocab_chunk=None, rng=None,
+                          deterministic=True):
+    """Per-token log-probs of a prefix-shared preference batch (`jaxalign.data.prefix_sharing`):
+    one forward over the packed rows [B, S], the final norm and LM head at the 2K scored slots.
+
+    Returns (token log-probs, mask), each [2B, K]: the chosen rows, then the rejected rows, like
+    `token_logps_of` on the two halves of an unpacked batch with a loss index.
+    """
+    rngs = {"dropout": rng} if rng is not None and not deterministic else None
+    at = jnp.concatenate([batch["chosen_logits_at"], batch["rejected_logits_at"]], 1)
+    labels = jnp.concatenate([batch["chosen_labels"], batch["rejected_labels"]], 1)
+    mask = jnp.concatenate([batch["chosen_label_mask"], batch["rejected_label_mask"]], 1)
+    kw = dict(attention_mask=batch["packed_attention_mask"],
+              segment_ids=batch["packed_segment_ids"], deterministic=deterministic, rngs=rngs,
+              logits_at=at)
+    tokens = batch["packed_tokens"]
+    if vocab_chunk:
+        hidden = model.apply(variables, tokens, return_hidden=True, **kw)
+        from jaxalign.models.layers import materialize_kernel
+
+        kernel = materialize_kernel(lm_head_kernel(variables["params"], model.config), model.dtype)
+        out = token_logps_from_hidden(hidden, kernel, labels, mask, vocab_chunk=vocab_chunk)
+    else:
+        out = token_logps(model.apply(variables, tokens, **kw), labels, mask)
+    k = batch["chosen_labels"].shape[1]
+    split = lambda x: jnp.concatenate([x[:, :k], x[:, k:]], 0)  # noqa: E731
+    return split(out), split(mask.astype(bool))
+
+
 def _call_loss(fn, kwargs, available):
     params = inspect.signature(fn).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
@@ -136,15 +167,23 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
         n = jnp.maximum(m.sum(), 1)
         return -jnp.sum(tok) / n, m.sum()
 
-    def preference(trainable, frozen, batch, rng, deterministic):
+    def pair_logps(variables, batch, rng, deterministic):
+        """(token log-probs, mask) [2B, ...] of the chosen rows then the rejected rows, from a
+        plain or a prefix-shared (packed) preference batch."""
+        if "packed_tokens" in batch:
+            return packed_token_logps_of(model, variables, batch, vocab_chunk=spec.vocab_chunk,
+                                         rng=rng, deterministic=deterministic)
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], 0)
         am = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], 0)
         lm = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]], 0)
         li = None
         if "chosen_loss_index" in batch and "rejected_loss_index" in batch:
             li = jnp.concatenate([batch["chosen_loss_index"], batch["rejected_loss_index"]], 0)
-        b = batch["chosen_tokens"].shape[0]
-        tok, m = logps(policy_variables(trainable, frozen), tokens, am, lm, rng, deterministic, li)
+        return logps(variables, tokens, am, lm, rng, deterministic, li)
+
+    def preference(trainable, frozen, batch, rng, deterministic):
+        b = (batch["packed_tokens"] if "packed_tokens" in batch else batch["chosen_tokens"]).shape[0]
+        tok, m = pair_logps(policy_variables(trainable, frozen), batch, rng, deterministic)
         lengths = m.sum(-1).astype(jnp.float32)
         seq = reduce_sequence(tok, m, average=spec.average_logps)
         avail = {
@@ -157,7 +196,7 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
             avail["ref_chosen_logps"] = batch["ref_chosen_logps"]
             avail["ref_rejected_logps"] = batch["ref_rejected_logps"]
         elif spec.reference != "none":
-            rtok, _ = logps(reference_variables(frozen, spec.reference), tokens, am, lm, None, True, li)
+            rtok, _ = pair_logps(reference_variables(frozen, spec.reference), batch, None, True)
             rseq = jax.lax.stop_gradient(reduce_sequence(rtok, m, average=spec.average_logps))
             avail["ref_chosen_logps"], avail["ref_rejected_logps"] = rseq[:b], rseq[b:]
         losses, metrics = _call_loss(spec.loss_fn, hp, avail)
@@ -194,6 +233,9 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
         return jnp.mean(losses), metrics, m.sum()
 
     def reward(trainable, frozen, batch, rng, deterministic):
+        if "packed_tokens" in batch:
+            raise ValueError("reward-model batches score whole sequences; prefix-shared (packed) "
+                             "batches are for the preference objectives")
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], 0)
         am = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]], 0)
         b = batch["chosen_tokens"].shape[0]

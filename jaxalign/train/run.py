@@ -81,6 +81,16 @@ def _with_ref(collate, keys):
     return f
 
 
+def _packing(collate, data_cfg, *, kind, pad_id):
+    """data.share_prefix: the preference batches packed after one copy of each pair's prompt."""
+    if kind != "preference":
+        raise ValueError(f"data.share_prefix=True packs chosen/rejected pairs for the preference "
+                         f"losses; loss kind {kind!r} cannot use it")
+    from jaxalign.data.prefix_sharing import sharing_prefix
+
+    return sharing_prefix(collate, pad_id=pad_id, pad_to_multiple_of=data_cfg.pad_to_multiple_of or None)
+
+
 def _nspo_setup(config, model, tokenizer, trainable, frozen):
     """(basis, trainable, step transforms) for config.nspo: capability gradients at the start on
     `nspo.num_batches` batches of the (train split of the) capability source."""
@@ -167,6 +177,8 @@ def run(config) -> dict[str, Any]:
                                      data.collate, kind=kind, batch_size=config.train.batch_size,
                                      vocab_chunk=config.train.vocab_chunk or None, average=avg)
         data.collate = _with_ref(data.collate, ("ref_chosen_logps", "ref_rejected_logps"))
+    if config.data.get("share_prefix", False):
+        data.collate = _packing(data.collate, config.data, kind=kind, pad_id=tokenizer.pad_token_id)
 
     obj_spec = ObjectiveSpec(
         kind=kind, loss_fn=REGISTRY[loss_name], loss_kwargs=setup.loss_hparams(config.loss),

@@ -106,3 +106,44 @@ def test_index_missing_a_loss_token_gives_nan(setup):
     li[0, 0] = 0  # row 0 loses its first loss token
     bad = np.asarray(token_logps_of(model, {"params": params}, tokens, am, lm, loss_index=li))
     assert np.isnan(bad[0]).all() and np.isfinite(bad[1:]).all()
+
+
+def _packed(batch):
+    from jaxalign.data.prefix_sharing import share_prefix
+
+    return share_prefix(batch, pad_to_multiple_of=4)
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 16])
+def test_prefix_shared_batch_equals_unpacked(setup, vocab_chunk):
+    """DPO with a reference model and the RPO term on the packed batch (each prompt once): the
+    same loss, metrics and gradients as the unpacked batch."""
+    _, model, params, batch = setup
+    packed = _packed(batch)
+    assert packed["packed_tokens"].size < 2 * batch["chosen_tokens"].size
+    policy = jax.tree.map(lambda x: x * 1.1, params)
+    spec = ObjectiveSpec(kind="preference", loss_fn=dpo_loss, loss_kwargs=(("beta", 0.1),),
+                         reference="model", rpo_alpha=0.5, vocab_chunk=vocab_chunk)
+    obj = make_objective(model, spec)
+    frozen = {"ref_params": params}
+    _assert_same(_loss_and_grads(obj, {"params": policy}, frozen, packed),
+                 _loss_and_grads(obj, {"params": policy}, frozen, batch))
+
+
+def test_prefix_shared_lora_base_reference_average_and_precomputed(setup):
+    from jaxalign.peft import LoraSpec, init_lora
+
+    _, model, params, batch = setup
+    spec_l = LoraSpec(rank=4, alpha=8, targets=r"(proj)$")
+    lmodel = model.clone(lora=spec_l)
+    lora = jax.tree.map(lambda x: x + 0.05, init_lora(params, spec_l, jax.random.PRNGKey(1)))
+    for reference in ("base", "precomputed"):
+        b = dict(batch)
+        if reference == "precomputed":  # reference log-probs of the unpacked batch carry over
+            b["ref_chosen_logps"] = np.linspace(-30, -20, len(batch["chosen_tokens"])).astype(np.float32)
+            b["ref_rejected_logps"] = b["ref_chosen_logps"] - 1.5
+        spec = ObjectiveSpec(kind="preference", loss_fn=dpo_loss, loss_kwargs=(("beta", 0.1),),
+                             reference=reference, average_logps=True)
+        obj = make_objective(lmodel, spec)
+        _assert_same(_loss_and_grads(obj, {"lora": lora}, {"params": params}, _packed(b)),
+                     _loss_and_grads(obj, {"lora": lora}, {"params": params}, b))

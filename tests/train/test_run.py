@@ -67,6 +67,11 @@ def test_precomputed_reference_equals_live_reference(tiny_config, tmp_path):
     b = run(tiny_config("experiments/dpo.py:precomputed", train__steps=3, output_dir=str(tmp_path / "b")))
     assert b["reference"] == "precomputed" and a["reference"] == "model"
     np.testing.assert_allclose(losses(a), losses(b), rtol=1e-5, atol=1e-6)
+    # prefix-shared batches (each prompt once), here with precomputed reference log-probs and
+    # micro-batches: the same losses again
+    c = run(tiny_config("experiments/dpo.py:precomputed", train__steps=3, train__grad_accum=2,
+                        data__share_prefix=True, output_dir=str(tmp_path / "c")))
+    np.testing.assert_allclose(losses(a), losses(c), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["ipo", "simpo", "orpo", "kto", "bradley_terry", "cpo", "hinge"])
