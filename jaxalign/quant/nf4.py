@@ -348,7 +348,8 @@ def dequantize_nf4(q: NF4Tensor, dtype: Any = jnp.float32, *, after: Array | Non
 
     Matches bitsandbytes' `dequantize_4bit` (fp32 product, round-to-nearest-even cast). Jit-able.
     The codebook lookup is a 4-level select tree (elementwise), so XLA fuses the whole
-    dequantization into one loop with no [n] fp32 intermediate.
+    dequantization into one loop with no [n] fp32 intermediate; on the CPU a native kernel
+    (`jaxalign.quant.nf4_cpu`, same arithmetic) takes its place where it could be built.
 
     after: optional array. The result then data-depends on one element of it (its values are
       unchanged: a +0.0 derived from that element's sign bit is added to the block scales), so a
@@ -381,10 +382,20 @@ def _dequantize_impl(q: NF4Tensor, dtype: Any, zero: Array | None) -> Array:
         scale = computed_once(dequantize_absmax, q)
     else:
         scale = computed_once(lambda qq, z: dequantize_absmax(qq) + z, q, zero)
-    codes = _blocks(q.codes, bs // 2)  # [nblocks, bs/2]: a block is bs/2 whole bytes (bs even)
-    hi = _lookup_nf4(codes >> 4) * scale[:, None]
-    lo = _lookup_nf4(codes & 15) * scale[:, None]
-    out = jnp.stack([hi, lo], axis=-1).reshape(-1)[:n]  # element 2i is the high nibble
+
+    def fused_loop(codes, scale):
+        codes = _blocks(codes, bs // 2)  # [nblocks, bs/2]: a block is bs/2 whole bytes (bs even)
+        hi = _lookup_nf4(codes >> 4) * scale[:, None]
+        lo = _lookup_nf4(codes & 15) * scale[:, None]
+        return jnp.stack([hi, lo], axis=-1).reshape(-1)[:n]  # element 2i is the high nibble
+
+    from jaxalign.quant import nf4_cpu  # the native CPU kernel, where it could be built
+
+    if jax.default_backend() == "cpu" and nf4_cpu.available():
+        native = functools.partial(nf4_cpu.dequantize_flat, size=n, block_size=bs)
+        out = jax.lax.platform_dependent(q.codes, scale, cpu=native, default=fused_loop)
+    else:
+        out = fused_loop(q.codes, scale)
     out = out.reshape(q.storage_shape)
     return (out.T if q.transposed else out).astype(dtype)
 

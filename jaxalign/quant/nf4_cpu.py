@@ -1,0 +1,118 @@
+"""A native NF4 dequantization kernel for XLA:CPU, built on first use and called through jax.ffi.
+
+XLA:CPU compiles `dequantize_nf4` into one fused loop, but a 16-way select per code and the
+interleaving of high and low nibbles leave it well below memory speed (RESULTS.md, nf4_ops).
+`nf4_cpu.cc` is the same arithmetic written for the CPU: a 16-lane permute looks the codes up,
+non-temporal stores write the output, whole blocks go to each core.
+
+`available()` compiles the kernel with the C++ compiler (`$CXX`, else `c++`) for this machine
+(`-march=native`) into a per-user cache (`$JAXALIGN_CACHE_DIR` or `~/.cache/jaxalign`), keyed by
+the source, the compiler flags, jaxlib's version and the CPU's feature flags, and registers it
+with XLA. It returns False, after one warning that says why, when there is no compiler or the
+build fails; `JAXALIGN_NATIVE=0` turns the kernel off. `dequantize_nf4` then uses it for the CPU
+platform only (`jax.lax.platform_dependent`): GPUs and TPUs keep the XLA loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = "jaxalign_nf4_dequantize"
+SOURCE = Path(__file__).with_name("nf4_cpu.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-pthread")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXALIGN_CACHE_DIR") or Path.home() / ".cache" / "jaxalign")
+
+
+def library_path(compiler: str) -> Path:
+    """Where the kernel built by `compiler` for this machine is cached."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+                 jax.__version__.encode(), getattr(jax.lib, "__version__", "").encode(),
+                 platform.machine().encode(), _cpu_flags().encode()):
+        key.update(part + b"\0")
+    return cache_dir() / f"nf4_cpu-{key.hexdigest()[:16]}.so"
+
+
+def build(compiler: str | None = None, *, out: Path | None = None, extra_flags=()) -> Path:
+    """Compiles nf4_cpu.cc into a shared library (atomically, so parallel builds are safe) and
+    returns its path. Raises RuntimeError with the compiler's message when it fails."""
+    compiler = compiler or os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
+    out = out or library_path(compiler)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, *FLAGS, *extra_flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def register(path: Path, target: str = TARGET) -> None:
+    """Loads a built kernel library and registers its handler with XLA:CPU as `target`."""
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxalignNf4Dequantize), platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the native kernel is built and registered (once per process; see module doc)."""
+    if os.environ.get("JAXALIGN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        register(build())
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure falls back to the XLA loop
+        warnings.warn(f"jaxalign: the native NF4 CPU kernel is unavailable, dequantize_nf4 uses "
+                      f"XLA's loop on the CPU ({e})", RuntimeWarning, stacklevel=2)
+        return False
+
+
+def threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def dequantize_flat(codes, scale, *, size: int, block_size: int, target: str = TARGET):
+    """fp32 [size]: NF4_CODE[nibble] * scale[block], element 2i from the high nibble of codes[i].
+    codes uint8 [ceil(size / 2)], scale fp32 [ceil(size / block_size)]. CPU only (needs
+    `available()`)."""
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((size,), jnp.float32),
+                            vmap_method="sequential")
+    return call(codes, scale.astype(jnp.float32), block_size=np.int64(block_size),
+                threads=np.int64(threads()))
