@@ -30,6 +30,10 @@ REPO = HERE.parents[1]
 RESULTS = HERE / "RESULTS.md"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "peft", "bitsandbytes")
 
+# JAX and torch share one GPU inside each benchmark process: JAX must not grab 75% of the device
+# memory at start-up (its default), or torch's allocations fail.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 
 # ----------------------------------------------------------------------------- command line
 def parser(description: str) -> argparse.ArgumentParser:
@@ -39,6 +43,70 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="markdown file whose bench section is replaced ('' to skip writing)")
     p.add_argument("--json", default="", help="also write the raw numbers here")
     return p
+
+
+def add_precision_flag(p: argparse.ArgumentParser) -> None:
+    """--bf16: mixed precision (fp32 master weights, bf16 compute) for the step benchmarks."""
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 compute with fp32 master weights: TRL with bf16=True (autocast), "
+                        "jaxalign with compute_dtype=bfloat16, matmul peaks in bf16 (default: fp32)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """What a run computes in and where. `gpu`: JAX's default backend is a GPU (then torch runs
+    on CUDA too)."""
+    bf16: bool = False
+    gpu: bool = False
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def describe(self) -> str:
+        if not self.bf16:
+            return "fp32"
+        return ("fp32 master weights, bf16 compute (TRL: `bf16=True`, torch autocast; jaxalign: "
+                "`compute_dtype=bfloat16`)")
+
+    def jax_dtype(self):
+        import jax.numpy as jnp
+
+        return jnp.bfloat16 if self.bf16 else jnp.float32
+
+    def torch_dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def torch_device(self):
+        import torch
+
+        return torch.device("cuda" if self.gpu else "cpu")
+
+
+def precision(args) -> Precision:
+    return Precision(bf16=bool(getattr(args, "bf16", False)), gpu=on_gpu())
+
+
+def section_name(base: str, prec: Precision, shapes: str = "tiny") -> str:
+    """RESULTS.md section of a run: `base` for the CPU fp32 runs (unchanged), then `_gpu`,
+    `_bf16` on CPU / `_fp32` on GPU (bf16 is the GPU default), and the shape set if not tiny:
+    dpo_step, dpo_step_gpu, dpo_step_gpu_medium, dpo_step_bf16, ..."""
+    name = base
+    if prec.gpu:
+        name += "_gpu" + ("" if prec.bf16 else "_fp32")
+    elif prec.bf16:
+        name += "_bf16"
+    return name + ("" if shapes in ("", "tiny") else f"_{shapes}")
+
+
+def section_title(title: str, prec: Precision, shapes: str = "tiny") -> str:
+    tags = ([f"GPU ({gpu_name()})"] if prec.gpu else []) + ([prec.name] if prec.bf16 or prec.gpu else [])
+    if shapes not in ("", "tiny"):
+        tags.append(f"{shapes} shapes")
+    return title + (f" [{', '.join(tags)}]" if tags else "")
 
 
 def add_host_memory_flag(p: argparse.ArgumentParser) -> None:
@@ -101,21 +169,95 @@ def versions() -> dict[str, str]:
     return out
 
 
-def machine() -> dict:
-    return {
+GPU_BACKENDS = ("gpu", "cuda", "rocm")
+# Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), by device-name fragment;
+# the first match wins, so the specific names come first.
+SPEC_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12),
+                  ("H100", 989e12), ("H800", 989e12), ("A100", 312e12))
+
+
+def on_gpu() -> bool:
+    """True when JAX's default backend is a GPU (the benchmarks then put torch on CUDA too)."""
+    import jax
+
+    return jax.default_backend() in GPU_BACKENDS
+
+
+def gpu_name() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
+def jax_backend() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
+def spec_bf16_peak(name: str | None) -> float | None:
+    """The datasheet's dense bf16 FLOP/s of a GPU named `name` (H100 SXM / H200: 989e12), or None."""
+    for frag, flops in SPEC_BF16_PEAK:
+        if name and frag.lower() in name.lower():
+            return flops
+    return None
+
+
+def accelerator() -> dict | None:
+    """JAX's backend and devices, and what torch sees; None on a CPU-only run."""
+    import jax
+
+    if jax.default_backend() not in GPU_BACKENDS:
+        return None
+    out = {"jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
+           "name": gpu_name(), "spec_bf16_flops": spec_bf16_peak(gpu_name())}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["torch_device"] = torch.cuda.get_device_name(0)
+            out["torch_cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return out
+
+
+def machine(*, device: bool = False) -> dict:
+    """The machine's description; `device=True` adds the accelerator (imports jax) when JAX's
+    default backend is a GPU."""
+    out = {
         "nproc": os.cpu_count(),
         "cpu": cpu_model(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "uptime": load_average(),
         "versions": versions(),
     }
+    acc = accelerator() if device else None
+    if acc:
+        out["accelerator"] = acc
+    return out
 
 
 def machine_lines(m: dict) -> list[str]:
     v = ", ".join(f"{k} {val}" for k, val in m["versions"].items())
-    return [f"- machine: `nproc`={m['nproc']}, CPU: {m['cpu']}",
-            f"- date: {m['date']}; load at start: `{m['uptime']}`",
-            f"- versions: {v}"]
+    lines = [f"- machine: `nproc`={m['nproc']}, CPU: {m['cpu']}"]
+    acc = m.get("accelerator")
+    if acc:
+        spec = acc.get("spec_bf16_flops")
+        lines.append(f"- GPU: {acc['name']} (JAX backend `{acc['jax_backend']}`, {acc['jax_devices']} "
+                     f"device(s); torch: {acc.get('torch_device', 'no CUDA')}, CUDA "
+                     f"{acc.get('torch_cuda')}); datasheet dense bf16 peak "
+                     + (f"{spec / 1e12:.0f} TFLOP/s" if spec else "unknown"))
+    return lines + [f"- date: {m['date']}; load at start: `{m['uptime']}`", f"- versions: {v}"]
+
+
+def progress(msg: str) -> None:
+    """A timestamped progress line on stderr (where a GPU run's time goes: loads, compiles)."""
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:.1f}s] {msg}", file=sys.stderr,
+          flush=True)
+
+
+_T0 = time.perf_counter()
 
 
 # ----------------------------------------------------------------------------- timing
@@ -142,25 +284,47 @@ def alternate(fns: dict[str, Callable[[], object]], *, steps: int, warmup: int =
     return times
 
 
-def jax_matmul(n: int = 2048):
-    """(fn, flops): fn() runs one jitted fp32 [n, n] @ [n, n] matmul and blocks. Put it in the
-    `alternate` dict to measure the machine's fp32 matmul peak under the same load as the steps."""
+def jax_matmul(n: int = 2048, dtype=None, reps: int = 1):
+    """(fn, flops): fn() runs `reps` jitted [n, n] @ [n, n] matmuls of `dtype` (default fp32; random
+    data) on JAX's default device and blocks on the last. Put it in the `alternate` dict to measure
+    the machine's matmul peak under the same load as the steps."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    dtype = dtype or jnp.float32
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, b).block_until_ready()
-    return (lambda: f(a, b).block_until_ready()), 2.0 * n ** 3
+
+    def run():
+        for _ in range(reps - 1):  # dispatched asynchronously, run back to back
+            f(a, b)
+        return f(a, b).block_until_ready()
+
+    return run, 2.0 * n ** 3 * reps
 
 
-def torch_matmul(n: int = 2048):
-    """(fn, flops) for torch's fp32 [n, n] @ [n, n] matmul (the BLAS TRL runs on)."""
+def torch_matmul(n: int = 2048, dtype=None, device=None, reps: int = 1):
+    """(fn, flops) for torch's [n, n] @ [n, n] matmul (the BLAS / cuBLAS TRL runs on), `reps` per
+    call; on CUDA the call synchronizes, so its time is the GPU's."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return (lambda: a @ b), 2.0 * n ** 3
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    cuda = device.type == "cuda"
+
+    def run():
+        for _ in range(reps):
+            c = a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        return c
+
+    run()
+    return run, 2.0 * n ** 3 * reps
 
 
 def xla_flops(compiled) -> float | None:
@@ -224,6 +388,8 @@ def dump_json(path: str, obj) -> None:
 
 
 def finish(args, name: str, title: str, argv, m: dict, parts: Sequence[str], numbers: dict) -> dict:
+    if m.get("accelerator"):
+        numbers.setdefault("accelerator", m["accelerator"])
     text = section(title, command_line(argv), m, parts)
     print(text)
     write_section(name, text, args.results)
@@ -282,6 +448,26 @@ class Shapes:
 
 FULL = Shapes()
 SMOKE = Shapes(vocab=128, hidden=64, layers=2, heads=2, intermediate=96, prompt=8, completion=8, pairs=2)
+# For MFU on a GPU: matmuls large enough to fill the tensor cores (8192 tokens per step, hidden
+# 2048), 4 layers so that every contestant's fp32 state (up to ~5.3 GB each, six of them plus both
+# libraries' activations) fits an 80 GB H100 alongside the others in one process.
+MEDIUM = Shapes(vocab=32000, hidden=2048, layers=4, heads=16, intermediate=5504, prompt=256,
+                completion=256, pairs=8)
+SHAPES = {"tiny": FULL, "medium": MEDIUM}
+
+
+def add_shapes_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="tiny",
+                   help="model and batch shapes: 'tiny' (the issue's, default) or 'medium' "
+                        f"({MEDIUM}); --smoke overrides")
+
+
+def shapes_of(args) -> tuple[str, Shapes]:
+    """(name, Shapes) of a run: 'smoke' under --smoke, else --shapes."""
+    if args.smoke:
+        return "smoke", SMOKE
+    name = getattr(args, "shapes", "tiny") or "tiny"
+    return name, SHAPES[name]
 
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 
@@ -352,6 +538,15 @@ def trl_to_jaxalign(batch, *, loss_index: bool = True) -> dict:
     return add_loss_index(out, ("chosen_", "rejected_")) if loss_index else out
 
 
+def trl_to_jaxalign_shared(batch) -> dict:
+    """TRL's collated batch -> jaxalign's prefix-shared batch (what `make_collate_fn(...,
+    share_prefix=True)` and jaxalign's preference training runs make by default): each pair as
+    [prompt | chosen | rejected] in one row, LM head at the completion positions."""
+    from jaxalign.data.prefix_sharing import share_prefix
+
+    return share_prefix(trl_to_jaxalign(batch, loss_index=False))
+
+
 # ----------------------------------------------------------------------------- FLOPs
 def linear_params(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
                   head_dim: int, vocab: int, *, lm_head: bool = True) -> int:
@@ -376,7 +571,7 @@ def attention_flops_fwd(layers: int, heads: int, head_dim: int, n_seq: int, seq_
 
 
 def dpo_step_flops(s: Shapes, *, reference_forward: bool, lora_rank: int | None = None,
-                   head_positions: int | None = None) -> float:
+                   head_positions: int | None = None, packed_len: int | None = None) -> float:
     """Model FLOPs of one DPO step on 2 * pairs sequences of s.seq_len tokens.
 
     Full fine-tune: policy forward + backward = 3 x forward (6 N tokens + 3 x attention),
@@ -385,14 +580,19 @@ def dpo_step_flops(s: Shapes, *, reference_forward: bool, lora_rank: int | None 
     gradients; the adapters cost 3 x their forward (2 N_lora tokens).
     N counts every matmul parameter; the LM head's share is counted at `head_positions` positions
     per sequence (default: every position; TRL on CPU scores seq_len - 1, jaxalign with a loss
-    index only the completion positions)."""
+    index only the completion positions). `packed_len`: prefix sharing, each pair one row of that
+    many positions ([prompt | chosen | rejected]); the attention is counted over the whole
+    packed_len^2 score matrix, as it is computed."""
     hd = s.hidden // s.heads
     body = linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, hd, s.vocab, lm_head=False)
     tokens = s.tokens_per_step
     n_seq = 2 * s.pairs
     head_tokens = n_seq * (s.seq_len if head_positions is None else head_positions)
-    fwd = (2.0 * body * tokens + 2.0 * s.hidden * s.vocab * head_tokens
-           + attention_flops_fwd(s.layers, s.heads, hd, n_seq, s.seq_len))
+    attention = attention_flops_fwd(s.layers, s.heads, hd, n_seq, s.seq_len)
+    if packed_len is not None:  # prefix sharing: one row of packed_len positions per pair
+        tokens = s.pairs * packed_len
+        attention = attention_flops_fwd(s.layers, s.heads, hd, s.pairs, packed_len)
+    fwd = 2.0 * body * tokens + 2.0 * s.hidden * s.vocab * head_tokens + attention
     if lora_rank is None:
         policy = 3.0 * fwd
     else:

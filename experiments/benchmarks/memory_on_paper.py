@@ -2,6 +2,13 @@
 
   python experiments/benchmarks/memory_on_paper.py
   python experiments/benchmarks/memory_on_paper.py --smoke --results ''
+  python experiments/benchmarks/memory_on_paper.py --quick   # 65B QLoRA + 7B full FT, this backend
+
+`--quick` compiles only the 65B QLoRA step and the 7B full fine-tune step on one device (2 and 3
+layers each, extrapolated as below), in this process on JAX's default backend: on a GPU that is
+XLA's GPU compiler and memory analysis (still abstract shapes, nothing allocated), the case the
+CPU backend's numbers stand in for. No emulated fsdp, no probes. Its section is
+`memory_on_paper_gpu` on a GPU, `memory_on_paper_quick` on the CPU.
 
 Nothing of model size is allocated: params, adapters, optimizer state and batch are
 `jax.ShapeDtypeStruct`s (`jax.eval_shape` of the real initialisers, NF4 included), and the
@@ -314,6 +321,64 @@ def worker(argv):
     C.emit({"fsdp": a.fsdp, "results": res})
 
 
+def quick_main(args, argv) -> dict:
+    """--quick: the 65B QLoRA and 7B full fine-tune steps on one device, compiled here on JAX's
+    default backend (a GPU's when there is one), 2 and 3 layers extrapolated to the real depth."""
+    import time
+
+    prec = C.Precision(bf16=True, gpu=C.on_gpu())
+    backend = C.gpu_name() if prec.gpu else "CPU"
+    m = C.machine(device=True)
+    seq, chunk = (SMOKE_SEQ, SMOKE_CHUNK) if args.smoke else (SEQ, VOCAB_CHUNK)
+    # (arch, method): the goal's case first, so a cut-short run still has it in its log
+    configs = ([(SMOKE_ARCHS[0], "qlora"), (SMOKE_ARCHS[0], "full")] if args.smoke
+               else [(ARCHS[2], "qlora"), (ARCHS[0], "full")])
+    rows, compiled, raw = [], {}, {}
+    for a, meth in configs:
+        by = {}
+        for layers in (2, 3):
+            t0 = time.perf_counter()
+            by[layers] = compile_step(a, meth, layers, 1, seq, PAIRS, chunk)
+            C.progress(f"{a.name} {meth} {layers} layers on {backend}: peak {by[layers]['peak'] / GB:.2f} GB, "
+                       f"temp {by[layers]['temp'] / GB:.2f} GB, compiled in {time.perf_counter() - t0:.1f} s")
+        v = extrapolate(by[2], by[3], a.layers)
+        compiled[f"{a.name}|{meth}|fsdp1"] = v
+        raw[f"{a.name}|{meth}|fsdp1"] = {"L2": by[2], "L3": by[3]}
+        an = analytic(a, meth, 1, seq, PAIRS, chunk)
+        C.progress(f"{a.name} {meth} extrapolated to {a.layers} layers: peak {v['peak'] / GB:.2f} GB "
+                   f"(analytic {an['total'] / GB:.2f} GB)")
+        rows.append([a.name, meth, a.layers, v["argument"] / GB, v["temp"] / GB, v["peak"] / GB,
+                     an["total"] / GB, by[2]["compile_s"] + by[3]["compile_s"]])
+    m["uptime_end"] = C.load_average()
+    numbers = {"compiled": compiled, "raw": raw, "backend": backend}
+    goal_key = f"{configs[0][0].name}|qlora|fsdp1"
+    goal = compiled[goal_key]["peak"] / GB
+    an_goal = analytic(configs[0][0], "qlora", 1, seq, PAIRS, chunk)["total"] / GB
+    numbers["qlora_65b_single_device_gb"] = goal if not args.smoke else None
+    numbers["goal_config_gb"] = goal
+    numbers["goal_config_analytic_gb"] = an_goal
+    where = (f"XLA's GPU backend ({backend}; JAX backend `{C.jax_backend()}`)" if prec.gpu
+             else "XLA's CPU backend")
+    parts = [
+        (f"Per device: {PAIRS} pair ({2 * PAIRS} sequences) x {seq} tokens, DPO (policy forward+backward, "
+         f"reference forward), bf16 compute, remat per block, vocab_chunk={chunk}; LoRA rank {RANK}. "
+         f"`memory_analysis()` of the jitted step compiled by {where} for abstract inputs (nothing "
+         "allocated), one device, with 2 and 3 layers, extrapolated linearly to the real depth "
+         "(m(L) = m(2) + (L-2)(m(3)-m(2))); peak = arguments + outputs - aliased (donated) + "
+         "temporaries. Same programs as the CPU section `memory_on_paper` (fsdp 1 rows)."),
+        C.table(["model", "method", "layers", "compiled args GB", "compiled temp GB", "compiled peak GB",
+                 "analytic GB", "compile s (2+3 layers)"], rows),
+        (f"Goal, {configs[0][0].name} QLoRA DPO step on one 48 GB device: compiled on {where} and "
+         f"extrapolated {goal:.1f} GB ({'fits' if goal <= 48 else 'does NOT fit'}); analytic "
+         f"{an_goal:.1f} GB ({'fits' if an_goal <= 48 else 'does NOT fit'})."),
+        f"Load at end: `{m['uptime_end']}`.",
+    ]
+    name = "memory_on_paper_gpu" if prec.gpu else "memory_on_paper_quick"
+    title = ("Memory on paper, quick: 65B QLoRA and 7B full fine-tune DPO steps, compiled for "
+             + (f"the GPU ({backend})" if prec.gpu else "the CPU"))
+    return C.finish(args, name, title, argv, m, parts, numbers)
+
+
 def extrapolate(m2: dict, m3: dict, layers: int) -> dict:
     """Linear in depth from 2 and 3 layers: m(L) = m(2) + (L - 2) (m(3) - m(2))."""
     return {k: m2[k] + (layers - 2) * (m3[k] - m2[k]) for k in ("argument", "output", "alias", "temp", "peak")}
@@ -329,7 +394,12 @@ def main(argv=None):
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--fsdp-compiled", default="", help="emulated fsdp sizes to compile (default 2,4,8)")
     p.add_argument("--sharded-archs", default="", help="arch indices compiled sharded (default 0,2)")
+    p.add_argument("--quick", action="store_true",
+                   help="only the 65B QLoRA and 7B full fine-tune steps on one device, compiled in this "
+                        "process on JAX's default backend (the GPU's XLA where there is one)")
     args = p.parse_args(argv)
+    if args.quick:
+        return quick_main(args, argv)
     archs = SMOKE_ARCHS if args.smoke else ARCHS
     seq, chunk = (SMOKE_SEQ, SMOKE_CHUNK) if args.smoke else (SEQ, VOCAB_CHUNK)
     fsdp_sizes = [int(x) for x in args.fsdp_compiled.split(",")] if args.fsdp_compiled else ([2] if args.smoke else [2, 4, 8])

@@ -1,7 +1,13 @@
-"""NF4 kernels on CPU: jaxalign (jaxalign.quant) vs bitsandbytes, side by side.
+"""NF4 kernels: jaxalign (jaxalign.quant) vs bitsandbytes, side by side (CPU, or a GPU).
 
   python experiments/benchmarks/nf4_ops.py               # 4096 x 4096 weight, 2048 tokens
   python experiments/benchmarks/nf4_ops.py --smoke --results ''
+  python experiments/benchmarks/nf4_ops.py --bf16        # bf16 weight / activations (e.g. on a GPU)
+
+On a GPU (JAX's default backend) both libraries run there (torch tensors on CUDA, each torch call
+followed by `torch.cuda.synchronize()`), with 30 timed calls per op by default. `--bf16`: the
+weight is quantized from bf16, dequantized to bf16, and x is bf16, so every matmul runs in bf16 on
+both sides (bitsandbytes' quant state then carries bf16). GPU runs write the section `nf4_ops_gpu`.
 
 1. quantize a 4096 x 4096 fp32 weight to NF4 (block 64, double quantization):
    `jaxalign.quant.quantize_nf4` vs `bitsandbytes.functional.quantize_4bit(quant_type='nf4',
@@ -28,6 +34,7 @@ from experiments.benchmarks import common as C  # noqa: E402
 def main(argv=None):
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=0)
+    C.add_precision_flag(p)
     args = p.parse_args(argv)
     import bitsandbytes.functional as F
     import jax
@@ -39,44 +46,65 @@ def main(argv=None):
     from jaxalign.quant import dequantize_nf4, quantize_nf4
     from jaxalign.quant.nf4_matmul import nf4_matmul
 
+    prec = C.precision(args)
     n, tokens = (256, 64) if args.smoke else (4096, 2048)
-    steps = args.steps or (3 if args.smoke else 10)
-    m = C.machine()
+    steps = args.steps or (3 if args.smoke else (30 if prec.gpu else 10))
+    m = C.machine(device=True)
+    jdt, tdt, dev = prec.jax_dtype(), prec.torch_dtype(), prec.torch_device()
+    cuda = dev.type == "cuda"
     rng = np.random.default_rng(0)
     w_np = (rng.standard_normal((n, n)) * 0.02).astype(np.float32)  # [out, in] like torch Linear
     x_np = rng.standard_normal((tokens, n)).astype(np.float32)
-    w_t, x_t = torch.from_numpy(w_np), torch.from_numpy(x_np)
-    w_j = jnp.asarray(w_np)
-    kernel_j = jnp.asarray(w_np.T)  # flax [in, out] kernel; quantized transposed = bnb's bytes
-    x_j = jnp.asarray(x_np)
+    # the same values on both sides: rounded to the run's dtype once, by torch
+    w_t = torch.from_numpy(w_np).to(tdt).to(dev)
+    x_t = torch.from_numpy(x_np).to(tdt).to(dev)
+    w_j = jnp.asarray(w_np).astype(jdt)
+    kernel_j = jnp.asarray(w_np.T).astype(jdt)  # flax [in, out] kernel; quantized transposed = bnb's bytes
+    x_j = jnp.asarray(x_np).astype(jdt)
+
+    def host(t):  # a torch tensor as a numpy array on the host (bf16 via fp32)
+        return t.detach().float().cpu().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy()
+
+    def tsync(fn):  # a torch call whose time is the device's
+        if not cuda:
+            return fn
+
+        def run():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+
+        return run
 
     def jq():
         return jax.block_until_ready(quantize_nf4(w_j, block_size=64, double_quant=True))
 
+    @tsync
     def bq():
         return F.quantize_4bit(w_t, blocksize=64, quant_type="nf4", compress_statistics=True)
 
     q_j = jq()
     q_b, st_b = bq()
     same = {
-        "codes": bool(np.array_equal(np.asarray(q_j.codes), q_b.numpy().reshape(-1))),
-        "absmax (8-bit)": bool(np.array_equal(np.asarray(q_j.absmax), st_b.absmax.numpy())),
-        "nested absmax": bool(np.array_equal(np.asarray(q_j.nested_absmax), st_b.state2.absmax.numpy())),
-        "offset": bool(np.asarray(q_j.offset) == st_b.offset.numpy()),
+        "codes": bool(np.array_equal(np.asarray(q_j.codes), host(q_b).reshape(-1))),
+        "absmax (8-bit)": bool(np.array_equal(np.asarray(q_j.absmax), host(st_b.absmax))),
+        "nested absmax": bool(np.array_equal(np.asarray(q_j.nested_absmax), host(st_b.state2.absmax))),
+        "offset": bool(np.asarray(q_j.offset) == host(st_b.offset)),
     }
 
     def jdq():
-        return jax.block_until_ready(dequantize_nf4(q_j, jnp.float32))
+        return jax.block_until_ready(dequantize_nf4(q_j, jdt))
 
+    @tsync
     def bdq():
         return F.dequantize_4bit(q_b, st_b)
 
-    dq_diff = float(np.max(np.abs(np.asarray(jdq()) - bdq().numpy())))
+    dq_diff = float(np.max(np.abs(np.asarray(jdq()).astype(np.float32) - host(bdq()))))
 
     # The same dequantization written into a donated buffer: no fresh 64 MB output to fault in
     # page by page, so this is the kernel's own time (bitsandbytes' CPU dequantize has no `out=`).
-    into = jax.jit(lambda q, buf: dequantize_nf4(q, jnp.float32), donate_argnums=1, keep_unused=True)
-    held = {"buf": jnp.zeros((n, n), jnp.float32)}
+    into = jax.jit(lambda q, buf: dequantize_nf4(q, jdt), donate_argnums=1, keep_unused=True)
+    held = {"buf": jnp.zeros((n, n), jdt)}
 
     def jdq_into():
         held["buf"] = jax.block_until_ready(into(q_j, held["buf"]))
@@ -86,7 +114,8 @@ def main(argv=None):
     dense = jax.jit(lambda x, k: x @ k)
     nf4_mm = jax.jit(nf4_matmul)  # what the models run: x @ dequantize_nf4(q), one jit
     dense(x_j, kernel_j).block_until_ready()
-    mm_diff = float(jnp.max(jnp.abs(nf4_mm(x_j, q_kernel) - x_j @ dequantize_nf4(q_kernel, jnp.float32))))
+    mm_diff = float(jnp.max(jnp.abs((nf4_mm(x_j, q_kernel) - x_j @ dequantize_nf4(q_kernel, jdt))
+                                    .astype(jnp.float32))))
 
     t_quant = C.alternate({"jaxalign": jq, "bitsandbytes": bq}, steps=steps, warmup=1)
     t_deq = C.alternate({"jaxalign": jdq, "bitsandbytes": bdq, "jaxalign into": jdq_into},
@@ -94,8 +123,8 @@ def main(argv=None):
     t_mm = C.alternate({
         "jaxalign dense x @ W": lambda: dense(x_j, kernel_j).block_until_ready(),
         "jaxalign nf4_matmul(x, Q) (dequantize in the same jit)": lambda: nf4_mm(x_j, q_kernel).block_until_ready(),
-        "torch dense x @ W.T": lambda: x_t @ w_t.T,
-        "bitsandbytes matmul_4bit": lambda: matmul_4bit(x_t, q_b.t(), quant_state=st_b),
+        "torch dense x @ W.T": tsync(lambda: x_t @ w_t.T),
+        "bitsandbytes matmul_4bit": tsync(lambda: matmul_4bit(x_t, q_b.t(), quant_state=st_b)),
     }, steps=steps, warmup=1)
     m["uptime_end"] = C.load_average()
 
@@ -110,28 +139,38 @@ def main(argv=None):
         "nf4_matmul_over_dense": mmm["jaxalign nf4_matmul(x, Q) (dequantize in the same jit)"] / dense_j,
         "bytes_equal": same, "dequantize_max_abs_diff": dq_diff, "matmul_max_abs_diff": mm_diff,
     }
+    dn = prec.name
     rows = [["quantize (block 64, double quant)", mq["jaxalign"] * 1e3, mq["bitsandbytes"] * 1e3,
              numbers["quantize_speedup_vs_bnb"]],
-            ["dequantize to fp32", mdq["jaxalign"] * 1e3, mdq["bitsandbytes"] * 1e3,
+            [f"dequantize to {dn}", mdq["jaxalign"] * 1e3, mdq["bitsandbytes"] * 1e3,
              numbers["dequantize_speedup_vs_bnb"]],
-            ["dequantize into a donated fp32 buffer (jaxalign only: no fresh output pages)",
+            [f"dequantize into a donated {dn} buffer (jaxalign only: no fresh output pages)",
              mdq["jaxalign into"] * 1e3, None, None]]
-    mm_rows = [[k, v * 1e3, flops / v / 1e9, v / dense_j] for k, v in mmm.items()]
+    spec = C.spec_bf16_peak(C.gpu_name()) if prec.gpu and prec.bf16 else None
+    mm_rows = [[k, v * 1e3, flops / v / 1e9, v / dense_j] + ([100 * flops / v / spec] if spec else [])
+               for k, v in mmm.items()]
+    where = f"on the GPU ({C.gpu_name()}), torch tensors on CUDA" if prec.gpu else "on the CPU"
     parts = [
-        f"Weight {n} x {n} fp32 (N(0, 0.02)), x {tokens} x {n} fp32; {steps} timed calls each after one "
-        "warm-up, pairs interleaved in one process; median.",
+        f"Weight {n} x {n} {dn} (N(0, 0.02)), x {tokens} x {n} {dn}, {where}; {steps} timed calls each "
+        "after one warm-up, pairs interleaved in one process; median.",
         C.table(["op", "jaxalign ms", "bitsandbytes ms", "bnb time / jaxalign time"], rows),
-        "A fresh 4096 x 4096 fp32 output is 64 MB of new pages that both libraries fault in one by "
-        "one on first write; the donated-buffer row is jaxalign's dequantization kernel without that "
-        "cost (bitsandbytes' CPU dequantize_4bit has no working `out=`: NotImplementedError).",
+        (f"A fresh {n} x {n} {dn} output is {n * n * (2 if prec.bf16 else 4) / 2 ** 20:.0f} MB of new "
+         "pages that both libraries fault in one by one on first write; the donated-buffer row is "
+         "jaxalign's dequantization kernel without that cost (bitsandbytes' CPU dequantize_4bit has "
+         "no working `out=`: NotImplementedError)."
+         if not prec.gpu else "The donated-buffer row writes the dequantized weight into a donated "
+         "buffer instead of a fresh one."),
         "Bytes identical to bitsandbytes: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same.items())
         + f"; max |dequantize difference| = {dq_diff:.3g}.",
-        C.table(["matmul", "median ms", "GFLOP/s", "time / jaxalign dense"], mm_rows),
+        C.table(["matmul", "median ms", "GFLOP/s", "time / jaxalign dense"]
+                + ([f"% of datasheet bf16 peak ({spec / 1e12:.0f} TFLOP/s)"] if spec else []), mm_rows),
         f"NF4 matmul / dense (jaxalign, same jit): {numbers['nf4_matmul_over_dense']:.3f} (goal <= 1.15). "
         f"Max |NF4 jit matmul - eager reference| = {mm_diff:.3g}.",
         f"Load at end: `{m['uptime_end']}`.",
     ]
-    return C.finish(args, "nf4_ops", "NF4 quantize / dequantize / matmul: jaxalign vs bitsandbytes",
+    numbers["precision"] = {"bf16": prec.bf16, "gpu": prec.gpu}
+    return C.finish(args, C.section_name("nf4_ops", prec),
+                    C.section_title("NF4 quantize / dequantize / matmul: jaxalign vs bitsandbytes", prec),
                     argv, m, parts, numbers)
 
 

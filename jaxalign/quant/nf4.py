@@ -391,7 +391,9 @@ def _dequantize_impl(q: NF4Tensor, dtype: Any, zero: Array | None) -> Array:
 
     from jaxalign.quant import nf4_cpu  # the native CPU kernel, where it could be built
 
-    if jax.default_backend() == "cpu" and nf4_cpu.available():
+    # standalone dequantization only: inside nf4_matmul (`zero` given) XLA fuses the loop with the
+    # transpose and the matmul's operand, which a custom call's output buffer would add to
+    if zero is None and jax.default_backend() == "cpu" and nf4_cpu.available():
         native = functools.partial(nf4_cpu.dequantize_flat, size=n, block_size=bs)
         out = jax.lax.platform_dependent(q.codes, scale, cpu=native, default=fused_loop)
     else:

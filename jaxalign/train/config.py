@@ -27,7 +27,9 @@ def base_config() -> mlc.ConfigDict:
     c.data = mlc.ConfigDict(dict(
         source="synthetic:preference", eval_source="", num_examples=2048, eval_examples=256,
         max_length=32, max_prompt_length=0, truncation_mode="keep_start", pad_to_multiple_of=8,
-        share_prefix=False,  # preference losses: each pair's prompt computed once (data/prefix_sharing.py)
+        # each preference pair's prompt computed once (data/prefix_sharing.py); None: on for the
+        # preference losses, off for the others; True where it cannot apply is an error
+        share_prefix=mlc.config_dict.placeholder(bool),
         on_error="raise", synthetic=mlc.ConfigDict(dict(digits=2, operators="+", error="digit",
                                       wrong_fraction=0.0))))
     c.aux_sft = mlc.ConfigDict(dict(source="", lambda_sft=0.0, num_examples=1024, batch_size=16))

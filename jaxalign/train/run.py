@@ -82,7 +82,8 @@ def _with_ref(collate, keys):
 
 
 def _packing(collate, data_cfg, *, kind, pad_id):
-    """data.share_prefix: the preference batches packed after one copy of each pair's prompt."""
+    """data.share_prefix (default: on for preference losses): the preference batches packed after
+    one copy of each pair's prompt."""
     if kind != "preference":
         raise ValueError(f"data.share_prefix=True packs chosen/rejected pairs for the preference "
                          f"losses; loss kind {kind!r} cannot use it")
@@ -177,8 +178,11 @@ def run(config) -> dict[str, Any]:
                                      data.collate, kind=kind, batch_size=config.train.batch_size,
                                      vocab_chunk=config.train.vocab_chunk or None, average=avg)
         data.collate = _with_ref(data.collate, ("ref_chosen_logps", "ref_rejected_logps"))
-    if config.data.get("share_prefix", False):
+    share = config.data.get("share_prefix", None)
+    packs = bool(share or (share is None and kind == "preference"))
+    if packs:
         data.collate = _packing(data.collate, config.data, kind=kind, pad_id=tokenizer.pad_token_id)
+        print("[data] prefix sharing: each pair's prompt is computed once (data.share_prefix)")
 
     obj_spec = ObjectiveSpec(
         kind=kind, loss_fn=REGISTRY[loss_name], loss_kwargs=setup.loss_hparams(config.loss),
@@ -344,4 +348,4 @@ def run(config) -> dict[str, Any]:
     return {"output_dir": out_dir, "history": history, "eval": last_eval, "export": export,
             "model": model, "variables": variables, "tokenizer": tokenizer, "state": state,
             "reference": reference, "mesh": mesh, "task": task, "tax": tax,
-            "nspo_basis": frozen.get("nspo")}
+            "nspo_basis": frozen.get("nspo"), "collate_packs": packs}

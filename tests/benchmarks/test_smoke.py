@@ -26,14 +26,15 @@ def _numbers(tree):
         yield tree
 
 
-def _run(name, tmp_path, *extra):
+def _run(name, tmp_path, *extra, section=None):
     mod = importlib.import_module(f"experiments.benchmarks.{name}")
     results, out = tmp_path / "RESULTS.md", tmp_path / "numbers.json"
     # --system-malloc: the pytest process keeps its allocator (tests/test_host_memory.py covers it)
     flags = ["--system-malloc"] if name in ("dpo_step", "lora_step") else []
     returned = mod.main(["--smoke", *flags, "--results", str(results), "--json", str(out), *extra])
     text = results.read_text()
-    assert f"<!-- BEGIN bench:{name} -->" in text and f"<!-- END bench:{name} -->" in text
+    section = section or name
+    assert f"<!-- BEGIN bench:{section} -->" in text and f"<!-- END bench:{section} -->" in text
     assert "nproc" in text and "Command: `python" in text
     numbers = json.loads(out.read_text())
     assert numbers == json.loads(json.dumps(returned, default=float))
@@ -55,10 +56,79 @@ def test_dpo_step_smoke(tmp_path):
     assert s["trl_first_loss"] == pytest.approx(LOG2, abs=1e-5)
     # same checkpoint, same tokens: the policies' summed chosen log-probs agree
     assert s["jaxalign_logps_chosen"] == pytest.approx(s["trl_logps_chosen"], rel=1e-4)
-    assert set(n["tokens_per_s"]) == {"trl", "jaxalign", "jaxalign, LM head at all positions",
+    # prefix sharing (jaxalign's default) gives the unshared step's log-probs
+    assert s["jaxalign_logps_chosen"] == pytest.approx(s["jaxalign_unshared_logps_chosen"], rel=1e-5)
+    assert set(n["tokens_per_s"]) == {"trl", "jaxalign", "jaxalign, pairs unshared",
+                                      "jaxalign, pairs unshared, LM head at all positions",
                                       "jaxalign vocab_chunk=32", "trl precomputed",
                                       "jaxalign precomputed", "trl, torch.set_num_threads(1)",
                                       "trl precomputed, torch.set_num_threads(1)"}
+
+
+@pytest.mark.slow
+def test_dpo_step_bf16_parts(tmp_path):
+    """--bf16 on the CPU, the pieces a GPU run uses (a cheap stand-in for the whole --bf16 smoke run,
+    which costs twice the time): TRL's trainer under bf16 autocast through its accelerator, jaxalign's
+    step with bf16 compute over fp32 params, the bf16 peak probes and the bf16 table headers."""
+    from experiments.benchmarks import dpo_step as D
+
+    s = common.SMOKE
+    D.set_precision(common.Precision(bf16=True))
+    try:
+        model_dir = common.save_tiny_llama(str(tmp_path / "model"), s)
+        rows = common.preference_rows(s.pairs, s)
+        trainer = D.make_trl_trainer(model_dir, common.word_tokenizer(s.vocab), rows, s, str(tmp_path / "trl"))
+        assert trainer.accelerator.mixed_precision == "bf16" and trainer.args.use_cpu
+        batches = D.trl_batches(trainer, s, 1)
+        trl_loss = D.trl_step_fn(trainer, batches)()
+        jx, info = D.make_jaxalign_step(model_dir, [common.trl_to_jaxalign(b) for b in batches])
+        assert jx() > 0
+        probes, flops, _ = D.peak_fns(True)
+        for f in probes.values():
+            f()
+        times = {k: [0.01] for k in probes}
+        times.update({"trl": [0.02], "jaxalign": [0.01]})
+        meta = {"trl": {"flops": 1e9, "baseline": "trl", "lib": "torch"},
+                "jaxalign": {"flops": 1e9, "baseline": "trl", "lib": "jax", "xla_flops": info["xla_flops"]}}
+        rows_out, _, _ = D.step_rows(times, meta, flops, s.tokens_per_step)
+        headers = D.step_headers()
+        line = D.shapes_line(s, 2, 1)
+    finally:
+        D.set_precision(common.Precision())  # the module setting back to fp32 for other tests
+    assert set(probes) == {"bf16 matmul peak, JAX", "bf16 matmul peak, torch"}
+    assert trl_loss == pytest.approx(LOG2, abs=1e-5) and info["first_loss"] == pytest.approx(LOG2, abs=1e-5)
+    # same checkpoint, same tokens, both in bf16: the summed log-probs agree to bf16 rounding
+    trl_logps = D.trl_first_logps(trainer)
+    assert info["first_logps_chosen"] == pytest.approx(trl_logps, rel=1e-2)
+    assert "% of bf16 matmul peak (same lib, same run)" in headers and len(rows_out[0]) == len(headers)
+    assert "fp32 master weights, bf16 compute" in line and "on the CPU" in line
+
+
+def test_section_names():
+    P = common.Precision
+    assert common.section_name("dpo_step", P()) == "dpo_step"
+    assert common.section_name("dpo_step", P(bf16=True)) == "dpo_step_bf16"
+    assert common.section_name("dpo_step", P(bf16=True, gpu=True)) == "dpo_step_gpu"
+    assert common.section_name("dpo_step", P(bf16=True, gpu=True), "medium") == "dpo_step_gpu_medium"
+    assert common.section_name("dpo_step", P(gpu=True)) == "dpo_step_gpu_fp32"
+    assert common.spec_bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert common.spec_bf16_peak("NVIDIA H200") == 989e12
+    assert common.spec_bf16_peak("NVIDIA H100 PCIe") == 756e12
+    assert common.spec_bf16_peak("TPU v5 lite") is None
+
+
+def test_gpu_summary_digest():
+    from experiments.benchmarks import gpu_summary
+
+    text = ("<!-- BEGIN bench:dpo_step_gpu -->\n## DPO [GPU (H100), bf16]\n\n"
+            "| contestant | median step ms | tokens/s | MFU % (vs measured bf16 matmul peak) |\n"
+            "|---|---|---|---|\n| trl | 10 | 100 | 20 |\n\nMeasured bf16 matmul peak: JAX 1.\n"
+            "other text\n<!-- END bench:dpo_step_gpu -->\n")
+    out = gpu_summary.digest(text)
+    assert out[0] == "--- dpo_step_gpu: DPO [GPU (H100), bf16]"
+    assert out[1] == "  contestant | median step ms | MFU % (vs measured bf16 matmul peak)"
+    assert out[2] == "  trl | 10 | 20"
+    assert out[3].startswith("  Measured") and len(out) == 4
 
 
 @pytest.mark.slow

@@ -63,14 +63,17 @@ def test_grad_accumulation_exact_for_dpo(tiny_config, tmp_path):
 
 
 def test_precomputed_reference_equals_live_reference(tiny_config, tmp_path):
-    a = run(tiny_config("experiments/dpo.py:tiny", train__steps=3, output_dir=str(tmp_path / "a")))
-    b = run(tiny_config("experiments/dpo.py:precomputed", train__steps=3, output_dir=str(tmp_path / "b")))
+    a = run(tiny_config("experiments/dpo.py:tiny", train__steps=3, data__share_prefix=False,
+                        output_dir=str(tmp_path / "a")))
+    b = run(tiny_config("experiments/dpo.py:precomputed", train__steps=3, data__share_prefix=False,
+                        output_dir=str(tmp_path / "b")))
     assert b["reference"] == "precomputed" and a["reference"] == "model"
     np.testing.assert_allclose(losses(a), losses(b), rtol=1e-5, atol=1e-6)
-    # prefix-shared batches (each prompt once), here with precomputed reference log-probs and
-    # micro-batches: the same losses again
+    # prefix-shared batches (each prompt once; the default for preference losses), here with
+    # precomputed reference log-probs and micro-batches: the same losses again
     c = run(tiny_config("experiments/dpo.py:precomputed", train__steps=3, train__grad_accum=2,
-                        data__share_prefix=True, output_dir=str(tmp_path / "c")))
+                        output_dir=str(tmp_path / "c")))
+    assert c["collate_packs"] and not a["collate_packs"]
     np.testing.assert_allclose(losses(a), losses(c), rtol=1e-5, atol=1e-6)
 
 
@@ -85,6 +88,13 @@ def test_every_objective_kind_trains(tiny_config, tmp_path, name):
         assert res["history"][0]["loss"] == pytest.approx(0.5, abs=1e-6)
     if name == "bradley_terry":  # zero-initialised score head: loss = ln 2
         assert res["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert res["collate_packs"] == (name not in ("kto", "bradley_terry"))  # prefix sharing
+
+
+def test_share_prefix_where_it_cannot_apply_is_an_error(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match="share_prefix.*'reward'"):
+        run(tiny_config("experiments/preference.py:bradley_terry", train__steps=1,
+                        data__share_prefix=True, output_dir=str(tmp_path / "bt")))
 
 
 def test_config_typos_are_errors(tmp_path):
