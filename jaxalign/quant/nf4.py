@@ -375,15 +375,15 @@ def _lookup_nf4(nib: Array) -> Array:
 def _dequantize_impl(q: NF4Tensor, dtype: Any, zero: Array | None) -> Array:
     q = jax.tree_util.tree_map(_gather_explicit, q)
     n, bs = q.size, q.block_size
-    # the [nblocks] scales once, not re-derived (double quant: a lookup, a product, a sum) for each
-    # of the block's elements inside the fused dequantization loop; `zero` goes in with them so
-    # that they too wait for `after`
-    if zero is None:
-        scale = computed_once(dequantize_absmax, q)
-    else:
-        scale = computed_once(lambda qq, z: dequantize_absmax(qq) + z, q, zero)
 
-    def fused_loop(codes, scale):
+    def fused_loop(codes):
+        # the [nblocks] scales once, not re-derived (double quant: a lookup, a product, a sum) for
+        # each of the block's elements inside the fused dequantization loop; `zero` goes in with
+        # them so that they too wait for `after`
+        if zero is None:
+            scale = computed_once(dequantize_absmax, q)
+        else:
+            scale = computed_once(lambda qq, z: dequantize_absmax(qq) + z, q, zero)
         codes = _blocks(codes, bs // 2)  # [nblocks, bs/2]: a block is bs/2 whole bytes (bs even)
         hi = _lookup_nf4(codes >> 4) * scale[:, None]
         lo = _lookup_nf4(codes & 15) * scale[:, None]
@@ -394,10 +394,10 @@ def _dequantize_impl(q: NF4Tensor, dtype: Any, zero: Array | None) -> Array:
     # standalone dequantization only: inside nf4_matmul (`zero` given) XLA fuses the loop with the
     # transpose and the matmul's operand, which a custom call's output buffer would add to
     if zero is None and jax.default_backend() == "cpu" and nf4_cpu.available():
-        native = functools.partial(nf4_cpu.dequantize_flat, size=n, block_size=bs)
-        out = jax.lax.platform_dependent(q.codes, scale, cpu=native, default=fused_loop)
+        out = jax.lax.platform_dependent(q.codes, cpu=lambda _: nf4_cpu.dequantize(q),
+                                         default=fused_loop)
     else:
-        out = fused_loop(q.codes, scale)
+        out = fused_loop(q.codes)
     out = out.reshape(q.storage_shape)
     return (out.T if q.transposed else out).astype(dtype)
 

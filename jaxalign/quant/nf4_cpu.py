@@ -82,9 +82,12 @@ def build(compiler: str | None = None, *, out: Path | None = None, extra_flags=(
 
 
 def register(path: Path, target: str = TARGET) -> None:
-    """Loads a built kernel library and registers its handler with XLA:CPU as `target`."""
+    """Loads a built kernel library and registers its handlers with XLA:CPU as `target` (fp32
+    block scales given) and `target + '_double'` (double quantization decoded in the kernel)."""
     lib = ctypes.cdll.LoadLibrary(str(path))
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxalignNf4Dequantize), platform="cpu")
+    jax.ffi.register_ffi_target(target + "_double", jax.ffi.pycapsule(lib.JaxalignNf4DequantizeDouble),
+                                platform="cpu")
 
 
 @functools.cache
@@ -115,4 +118,21 @@ def dequantize_flat(codes, scale, *, size: int, block_size: int, target: str = T
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((size,), jnp.float32),
                             vmap_method="sequential")
     return call(codes, scale.astype(jnp.float32), block_size=np.int64(block_size),
+                threads=np.int64(threads()))
+
+
+def dequantize(q, *, target: str = TARGET):
+    """fp32 [q.size] in storage order: the NF4Tensor `q` dequantized by the native kernel, block
+    scales included (with double quantization they are decoded block by block in the kernel, not
+    materialised first). CPU only (needs `available()`)."""
+    if not q.double_quant or jnp.dtype(q.absmax.dtype) != jnp.uint8:
+        from jaxalign.quant.nf4 import dequantize_absmax
+
+        return dequantize_flat(q.codes, dequantize_absmax(q), size=q.size, block_size=q.block_size,
+                               target=target)
+    call = jax.ffi.ffi_call(target + "_double", jax.ShapeDtypeStruct((q.size,), jnp.float32),
+                            vmap_method="sequential")
+    return call(q.codes, q.absmax, jnp.asarray(q.code_map, jnp.float32),
+                q.nested_absmax.astype(jnp.float32), jnp.reshape(q.offset, (1,)).astype(jnp.float32),
+                block_size=np.int64(q.block_size), nested_block_size=np.int64(q.nested_block_size),
                 threads=np.int64(threads()))

@@ -52,11 +52,10 @@ def test_scalar_build_equals_the_avx512_build(tmp_path):
     path = nf4_cpu.build(out=tmp_path / "scalar.so", extra_flags=("-mno-avx512f",))
     nf4_cpu.register(path, target="jaxalign_nf4_dequantize_scalar_test")
     w = np.random.default_rng(1).standard_normal((300, 301)).astype(np.float32)
-    q = quantize_nf4(jnp.asarray(w), block_size=64, double_quant=True)
-    scale = dequantize_absmax(q)
-    got = nf4_cpu.dequantize_flat(q.codes, scale, size=q.size, block_size=64,
-                                  target="jaxalign_nf4_dequantize_scalar_test")
-    np.testing.assert_array_equal(np.asarray(got), _numpy_dequantize(q))
+    for double in (True, False):
+        q = quantize_nf4(jnp.asarray(w), block_size=64, double_quant=double)
+        got = nf4_cpu.dequantize(q, target="jaxalign_nf4_dequantize_scalar_test")
+        np.testing.assert_array_equal(np.asarray(got), _numpy_dequantize(q))
 
 
 SCRIPT = """
