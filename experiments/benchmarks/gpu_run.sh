@@ -35,6 +35,14 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # JAX and torch share the GPU in one process
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export HF_HOME=${HF_HOME:-/tmp/hf_home} MPLBACKEND=Agg
+# Compile time on the H200 (2026-11-26, RESULTS.md "GPU runs"): with XLA's default flags each
+# jaxalign step took 78-86 s to compile (tiny and medium shapes alike) and the step parts ran out
+# of time; with --xla_gpu_autotune_level=0 they compiled in 5-12 s, but JAX's bf16 GEMM then ran at
+# 10.6 TFLOP/s (1% of the datasheet peak), which voids jaxalign's GPU step times at medium shapes.
+# The default below (cuBLAS GEMMs, whose autotuning is short, instead of Triton's) is the next
+# thing to try; it has NOT been run yet. GPU_XLA_FLAGS overrides it ('' for XLA's defaults).
+export XLA_FLAGS="${XLA_FLAGS:-} ${GPU_XLA_FLAGS---xla_gpu_enable_triton_gemm=false}"
+PARTS=${GPU_RUN_PARTS:-all}   # or a space-separated list of part names
 
 say() { echo "=== [$(date -u +%H:%M:%S) +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 
@@ -84,7 +92,7 @@ if [ ! -s "$RES" ]; then
 fi
 # STEPS: the step benchmarks' arguments; SMK: --smoke for a rehearsal (an empty array otherwise,
 # spelled ${SMK[@]+"${SMK[@]}"} below so that `set -u` accepts it on any bash)
-STEPS=(--bf16 --steps 10 --warmup 2)
+STEPS=(--bf16 --steps 10 --warmup 2 --system-malloc)   # host malloc settings: moot on a GPU
 SMK=()
 if [ "$SMOKE" = 1 ]; then SMK=(--smoke); STEPS=(--bf16 --smoke); fi
 
@@ -92,6 +100,7 @@ if [ "$SMOKE" = 1 ]; then SMK=(--smoke); STEPS=(--bf16 --smoke); fi
 # where RESERVE_S is kept back for the parts after it; skipped when less than 20 s are left.
 part() {
   local name=$1 cap=$2 reserve=$3; shift 3
+  if [ "$PARTS" != all ] && [[ " $PARTS " != *" $name "* ]]; then say "SKIPPED $name (GPU_RUN_PARTS)"; return 0; fi
   local left=$((BUDGET - ($(date +%s) - START) - reserve))
   local t=$(( cap < left ? cap : left ))
   if [ "$t" -lt 20 ]; then say "SKIPPED $name: ${left}s left after the reserve"; return 0; fi

@@ -35,7 +35,9 @@ def main(argv=None):
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=0)
     C.add_precision_flag(p)
+    C.add_host_memory_flag(p)
     args = p.parse_args(argv)
+    malloc_line = C.host_memory_setting(args)
     import bitsandbytes.functional as F
     import jax
     import jax.numpy as jnp
@@ -46,7 +48,10 @@ def main(argv=None):
     from jaxalign.quant import dequantize_nf4, quantize_nf4
     from jaxalign.quant.nf4_matmul import nf4_matmul
 
+    from jaxalign.quant import nf4_cpu
+
     prec = C.precision(args)
+    native = jax.default_backend() == "cpu" and nf4_cpu.available()
     n, tokens = (256, 64) if args.smoke else (4096, 2048)
     steps = args.steps or (3 if args.smoke else (30 if prec.gpu else 10))
     m = C.machine(device=True)
@@ -117,9 +122,10 @@ def main(argv=None):
     mm_diff = float(jnp.max(jnp.abs((nf4_mm(x_j, q_kernel) - x_j @ dequantize_nf4(q_kernel, jdt))
                                     .astype(jnp.float32))))
 
-    t_quant = C.alternate({"jaxalign": jq, "bitsandbytes": bq}, steps=steps, warmup=1)
+    # the (de)quantizations take milliseconds: 5x the calls of the matmuls, for stable medians
+    t_quant = C.alternate({"jaxalign": jq, "bitsandbytes": bq}, steps=5 * steps, warmup=1)
     t_deq = C.alternate({"jaxalign": jdq, "bitsandbytes": bdq, "jaxalign into": jdq_into},
-                        steps=steps, warmup=1)
+                        steps=5 * steps, warmup=1)
     t_mm = C.alternate({
         "jaxalign dense x @ W": lambda: dense(x_j, kernel_j).block_until_ready(),
         "jaxalign nf4_matmul(x, Q) (dequantize in the same jit)": lambda: nf4_mm(x_j, q_kernel).block_until_ready(),
@@ -151,13 +157,18 @@ def main(argv=None):
                for k, v in mmm.items()]
     where = f"on the GPU ({C.gpu_name()}), torch tensors on CUDA" if prec.gpu else "on the CPU"
     parts = [
-        f"Weight {n} x {n} {dn} (N(0, 0.02)), x {tokens} x {n} {dn}, {where}; {steps} timed calls each "
-        "after one warm-up, pairs interleaved in one process; median.",
+        f"Weight {n} x {n} {dn} (N(0, 0.02)), x {tokens} x {n} {dn}, {where}; {5 * steps} timed calls "
+        f"of each (de)quantization and {steps} of each matmul after one warm-up, contestants "
+        "interleaved in one process; medians.",
         C.table(["op", "jaxalign ms", "bitsandbytes ms", "bnb time / jaxalign time"], rows),
-        (f"A fresh {n} x {n} {dn} output is {n * n * (2 if prec.bf16 else 4) / 2 ** 20:.0f} MB of new "
-         "pages that both libraries fault in one by one on first write; the donated-buffer row is "
-         "jaxalign's dequantization kernel without that cost (bitsandbytes' CPU dequantize_4bit has "
-         "no working `out=`: NotImplementedError)."
+        (f"Each dequantization returns a fresh {n} x {n} {dn} output "
+         f"({n * n * (2 if prec.bf16 else 4) / 2 ** 20:.0f} MB). With glibc's defaults both libraries "
+         "get it as new pages and fault them in one by one on first write; with jaxalign's host-memory "
+         "setting the previous call's freed output is reused. The donated-buffer row is jaxalign's "
+         "dequantization without a fresh output at all (bitsandbytes' CPU dequantize_4bit has no "
+         "working `out=`: NotImplementedError). jaxalign's CPU dequantization: "
+         + ("the native kernel (jaxalign/quant/nf4_cpu.cc, AVX-512 permutes, non-temporal stores)."
+            if native else "XLA's fused loop (the native kernel is unavailable here).")
          if not prec.gpu else "The donated-buffer row writes the dequantized weight into a donated "
          "buffer instead of a fresh one."),
         "Bytes identical to bitsandbytes: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same.items())
@@ -166,8 +177,10 @@ def main(argv=None):
                 + ([f"% of datasheet bf16 peak ({spec / 1e12:.0f} TFLOP/s)"] if spec else []), mm_rows),
         f"NF4 matmul / dense (jaxalign, same jit): {numbers['nf4_matmul_over_dense']:.3f} (goal <= 1.15). "
         f"Max |NF4 jit matmul - eager reference| = {mm_diff:.3g}.",
+        malloc_line,
         f"Load at end: `{m['uptime_end']}`.",
     ]
+    numbers["native_dequantize"] = native
     numbers["precision"] = {"bf16": prec.bf16, "gpu": prec.gpu}
     return C.finish(args, C.section_name("nf4_ops", prec),
                     C.section_title("NF4 quantize / dequantize / matmul: jaxalign vs bitsandbytes", prec),
