@@ -3,9 +3,9 @@
 A chosen and a rejected sequence start with the same prompt, and a causal model computes the same
 hidden states for those tokens in both. `share_prefix(batch)` packs each pair into one row
 
-    [ common prefix (P slots) | chosen continuation (W slots) | rejected continuation (W slots) ]
+    [ common prefix | chosen continuation | rejected continuation | padding ]
 
-with segment ids 0 / 1 / 2. The model (`segment_ids=`, `jaxalign.models.layers.prepare_inputs`)
+with segment ids 0 / 1 / 2 (3 on padding), back to back. The model (`segment_ids=`, `jaxalign.models.layers.prepare_inputs`)
 lets a token attend to the real tokens of the prefix and of its own continuation only, and gives it
 the position it has in its own unpacked sequence, so every log-prob is the one the unpacked pair
 gives (up to float summation order) while the prefix is computed once: with a prompt as long as
@@ -19,8 +19,8 @@ packed batch names them explicitly:
   packed_tokens int32, packed_attention_mask bool, packed_segment_ids int32      [B, S]
   {chosen,rejected}_logits_at int32, _labels int32, _label_mask bool             [B, K]
 
-S = P + 2 W; P, W and K are the largest in the batch, each padded by the collator's rule
-(`pad_to_multiple_of` / `buckets`). Unused slots have logits_at 0, label 0, mask False. Other keys
+S (the longest packed row) and K (the most loss tokens of a side) are padded by the collator's
+rule (`pad_to_multiple_of` / `buckets`), so a run sees as few shapes as with unpacked batches. Unused slots have logits_at 0, label 0, mask False. Other keys
 (ref_chosen_logps, ...) are passed through. The preference objective
 (`jaxalign.train.objectives`) uses the packed keys when present; `reference='precomputed'` values
 computed on unpacked batches stay valid. One difference from the unpacked batch: with LoRA
@@ -85,27 +85,30 @@ def share_prefix(batch: dict, *, pad_id: int = 0, pad_to_multiple_of: int | None
         raise ValueError(f"share_prefix: {len(chosen)} chosen rows but {len(rejected)} rejected rows")
     pads = dict(pad_to_multiple_of=pad_to_multiple_of, buckets=buckets)
     shared = [common_prefix_length(c, r) for (c, _), (r, _) in zip(chosen, rejected)]
-    p = padded_length(max(max(shared), 1), **pads)
-    longest_rest = max(max(len(c) - n, len(r) - n)
-                       for n, (c, _), (r, _) in zip(shared, chosen, rejected))
-    w = padded_length(max(longest_rest, 1), **pads)
+    # each row: its prefix, its chosen continuation, its rejected continuation, back to back;
+    # one padded length S for the batch, by the collator's rule (as T for unpacked batches)
+    lengths = [len(c) + len(r) - n for n, (c, _), (r, _) in zip(shared, chosen, rejected)]
+    width = padded_length(max(max(lengths), 1), **pads)
     b = len(chosen)
-    tokens = np.full((b, p + 2 * w), pad_id, np.int32)
-    valid = np.zeros((b, p + 2 * w), bool)
-    segments = np.zeros((b, p + 2 * w), np.int32)
-    segments[:, p:p + w], segments[:, p + w:] = 1, 2
+    tokens = np.full((b, width), pad_id, np.int32)
+    valid = np.zeros((b, width), bool)
+    segments = np.zeros((b, width), np.int32)
     picks = {s: [] for s in SIDES}  # per side and row: (source slots, labels)
     for i, (n, (ct, cl), (rt, rl)) in enumerate(zip(shared, chosen, rejected)):
         tokens[i, :n], valid[i, :n] = ct[:n], True
-        for s, (tok, lm), start in (("chosen", (ct, cl), p), ("rejected", (rt, rl), p + w)):
+        start = n
+        for s, (tok, lm), seg in (("chosen", (ct, cl), 1), ("rejected", (rt, rl), 2)):
             rest = len(tok) - n
             tokens[i, start:start + rest], valid[i, start:start + rest] = tok[n:], True
+            segments[i, start:start + rest] = seg
             slot = np.concatenate([np.arange(n), start + np.arange(rest)])  # slot of each token
+            start += rest
             t = np.flatnonzero(lm[1:]) + 1  # loss tokens with a predecessor
             if lm[0]:
                 raise ValueError(f"share_prefix: row {i} of {s}_loss_mask marks the first token, "
                                  "which no position predicts")
             picks[s].append((slot[t - 1], tok[t]))
+        segments[i, start:] = 3  # padding: a segment of its own (masked out as keys anyway)
     k = padded_length(max(max(len(src) for src, _ in v) for v in picks.values()) or 1, **pads)
     out = {k_: v for k_, v in batch.items() if k_ not in UNPACKED_KEYS}
     out.update(packed_tokens=tokens, packed_attention_mask=valid, packed_segment_ids=segments)

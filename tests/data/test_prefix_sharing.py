@@ -27,23 +27,29 @@ def test_layout_by_hand():
     b = _batch([[5, 6, 7, 8], [5, 6, 9]], [[5, 6, 4], [5, 6, 9, 3, 2]], [2, 2])
     b["ref_chosen_logps"] = np.array([-1.0, -2.0], np.float32)
     o = share_prefix(b)
-    assert o["packed_tokens"].tolist() == [[5, 6, 0, 7, 8, 4, 0], [5, 6, 9, 0, 0, 3, 2]]
-    assert o["packed_attention_mask"].astype(int).tolist() == [[1, 1, 0, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1, 1]]
-    assert o["packed_segment_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2]] * 2
+    # row 1's common prefix runs into the completions (both start with 9): its chosen
+    # continuation is empty
+    assert o["packed_tokens"].tolist() == [[5, 6, 7, 8, 4], [5, 6, 9, 3, 2]]
+    assert o["packed_attention_mask"].all()
+    assert o["packed_segment_ids"].tolist() == [[0, 0, 1, 1, 2], [0, 0, 0, 2, 2]]
     # each loss token is scored at the slot of its predecessor in its own sequence
-    assert o["chosen_logits_at"].tolist() == [[1, 3, 0], [1, 0, 0]]
+    assert o["chosen_logits_at"].tolist() == [[1, 2, 0], [1, 0, 0]]
     assert o["chosen_labels"].tolist() == [[7, 8, 0], [9, 0, 0]]
     assert o["chosen_label_mask"].tolist() == [[True, True, False], [True, False, False]]
-    assert o["rejected_logits_at"].tolist() == [[1, 0, 0], [1, 2, 5]]
+    assert o["rejected_logits_at"].tolist() == [[1, 0, 0], [1, 2, 3]]
     assert o["rejected_labels"].tolist() == [[4, 0, 0], [9, 3, 2]]
     np.testing.assert_array_equal(o["ref_chosen_logps"], b["ref_chosen_logps"])  # passed through
     assert not any(k in o for k in ("chosen_tokens", "rejected_loss_mask"))
 
 
-def test_padding_rule_applies_to_each_part():
-    b = _batch([[5, 6, 7, 8]], [[5, 6, 4]], [2])
-    o = share_prefix(b, pad_to_multiple_of=4)
-    assert o["packed_tokens"].shape == (1, 4 + 2 * 4) and o["chosen_labels"].shape == (1, 4)
+def test_padding_rule_and_padding_slots():
+    b = _batch([[5, 6, 7, 8], [5, 9]], [[5, 6, 4], [5, 3, 3]], [2, 1])
+    o = share_prefix(b, pad_to_multiple_of=4, pad_id=1)
+    # rows of 5 and 4 real tokens, padded to 8 (a multiple of 4); K = 2 loss tokens, padded to 4
+    assert o["packed_tokens"].shape == (2, 8) and o["chosen_labels"].shape == (2, 4)
+    assert o["packed_tokens"][1].tolist() == [5, 9, 3, 3, 1, 1, 1, 1]
+    assert o["packed_attention_mask"].sum(1).tolist() == [5, 4]
+    assert o["packed_segment_ids"][1].tolist() == [0, 1, 2, 2, 3, 3, 3, 3]
 
 
 @settings(max_examples=40, deadline=None)
