@@ -207,7 +207,7 @@ def accelerator() -> dict | None:
     """JAX's backend and devices, and what torch sees; None on a CPU-only run."""
     import jax
 
-    if jax.default_backend() not in GPU_BACKENDS:
+    if not on_gpu():
         return None
     out = {"jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
            "name": gpu_name(), "spec_bf16_flops": spec_bf16_peak(gpu_name())}

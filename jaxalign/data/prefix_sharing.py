@@ -7,10 +7,10 @@ hidden states for those tokens in both. `share_prefix(batch)` packs each pair in
 
 with segment ids 0 / 1 / 2 (3 on padding), back to back. The model (`segment_ids=`,
 `jaxalign.models.layers.prepare_inputs`) lets a token attend to the real tokens of the prefix and
-of its own continuation only, and gives it
-the position it has in its own unpacked sequence, so every log-prob is the one the unpacked pair
-gives (up to float summation order) while the prefix is computed once: with a prompt as long as
-each completion, a quarter fewer token positions per step.
+of its own continuation only, and gives it the position it has in its own unpacked sequence, so
+every log-prob is the one the unpacked pair gives (up to float summation order) while the prefix
+is computed once: with a prompt as long as each completion, a quarter fewer token positions per
+step.
 
 The prefix is the longest common prefix of the two token sequences (it may run into the
 completions when they start alike; those shared loss tokens count for both sides). Each loss token
@@ -23,8 +23,8 @@ packed batch names them explicitly:
 S (the longest packed row) and K (the most loss tokens of a side) are padded by the collator's
 rule (`pad_to_multiple_of` / `buckets`), so a run sees as few shapes as with unpacked batches.
 Unused slots have logits_at 0, label 0, mask False. Other keys (ref_chosen_logps, ...) are passed
-through. The preference objective
-(`jaxalign.train.objectives`) uses the packed keys when present; `reference='precomputed'` values
+through. The preference objective (`jaxalign.train.objectives`) uses the packed keys when
+present (`is_packed`); `reference='precomputed'` values
 computed on unpacked batches stay valid. One difference from the unpacked batch: with LoRA
 dropout, the prefix tokens draw one dropout mask for both sides instead of one each.
 """
@@ -38,7 +38,6 @@ import numpy as np
 from jaxalign.data.collate import padded_length
 
 SIDES = ("chosen", "rejected")
-PACKED_KEYS = ("packed_tokens", "packed_attention_mask", "packed_segment_ids")
 UNPACKED_KEYS = tuple(f"{s}_{k}" for s in SIDES
                       for k in ("tokens", "attention_mask", "loss_mask", "loss_index"))
 

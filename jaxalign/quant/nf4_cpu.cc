@@ -3,9 +3,10 @@
 // out[2i + 1] = NF4[codes[i] & 15] * scale[(2i + 1) / block_size], one fp32 product per element
 // (bit for bit what XLA's fused loop and bitsandbytes compute).
 //
-// With AVX-512 one permute looks up 16 codes in the 16-entry codebook, two more interleave the
-// high and low nibbles, and non-temporal stores write the output without reading it first; the
-// output is split over `threads` threads in whole blocks. Elsewhere a scalar loop.
+// With AVX-512 one permute looks up 16 codes in the 16-entry codebook and two more interleave the
+// high and low nibbles; a large output whose pages are already mapped is written with
+// non-temporal stores (`StreamOutput`). The output is split over `threads` threads in whole
+// blocks. Elsewhere a scalar loop.
 #include <algorithm>
 #include <sys/mman.h>
 #include <unistd.h>

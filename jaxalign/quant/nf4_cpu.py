@@ -3,7 +3,8 @@
 XLA:CPU compiles `dequantize_nf4` into one fused loop, but a 16-way select per code and the
 interleaving of high and low nibbles leave it well below memory speed (RESULTS.md, nf4_ops).
 `nf4_cpu.cc` is the same arithmetic written for the CPU: a 16-lane permute looks the codes up,
-non-temporal stores write the output, whole blocks go to each core.
+double-quantized block scales are decoded in the kernel, non-temporal stores write large outputs
+whose pages are already mapped, whole blocks go to each core.
 
 `available()` compiles the kernel with the C++ compiler (`$CXX`, else `c++`) for this machine
 (`-march=native`) into a per-user cache (`$JAXALIGN_CACHE_DIR` or `~/.cache/jaxalign`), keyed by

@@ -23,6 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxalign.data.prefix_sharing import is_packed
 from jaxalign.losses.logps import reduce_sequence, token_logps, token_logps_from_hidden
 
 REFERENCE_MODES = ("none", "model", "base", "precomputed")
@@ -76,6 +77,22 @@ def indexed_loss_mask(loss_mask, loss_index):
     return picked & (loss_index > 0)
 
 
+def scored_logps(model, variables, tokens, labels, mask, *, vocab_chunk=None, rng=None,
+                 deterministic=True, **apply_kw):
+    """log p(labels) [B, K] (0 where not mask) from one forward of `tokens` whose final norm and
+    LM head run at `apply_kw['logits_at']`: the logits path, or with `vocab_chunk` the chunked
+    path from hidden states. apply_kw: the model's other call arguments (attention_mask, ...)."""
+    rngs = {"dropout": rng} if rng is not None and not deterministic else None
+    kw = dict(deterministic=deterministic, rngs=rngs, **apply_kw)
+    if not vocab_chunk:
+        return token_logps(model.apply(variables, tokens, **kw), labels, mask)
+    from jaxalign.models.layers import materialize_kernel
+
+    hidden = model.apply(variables, tokens, return_hidden=True, **kw)
+    kernel = materialize_kernel(lm_head_kernel(variables["params"], model.config), model.dtype)
+    return token_logps_from_hidden(hidden, kernel, labels, mask, vocab_chunk=vocab_chunk)
+
+
 def token_logps_of(model, variables, tokens, attention_mask, loss_mask, *, loss_index=None,
                    vocab_chunk=None, rng=None, deterministic=True):
     """Per-token log-probs of the predicted tokens under the model, masked by loss_mask.
@@ -87,23 +104,14 @@ def token_logps_of(model, variables, tokens, attention_mask, loss_mask, *, loss_
     `indexed_loss_mask`). A row whose loss_mask has a loss token that loss_index misses gives NaN,
     so an inconsistent batch cannot pass unnoticed.
     """
-    rngs = {"dropout": rng} if rng is not None and not deterministic else None
     if loss_index is None:
         at, labels, mask = slice(None, -1), tokens[:, 1:], loss_mask[:, 1:]
     else:
         at = jnp.maximum(loss_index - 1, 0)
         labels = jnp.take_along_axis(tokens, loss_index, axis=1)
         mask = indexed_loss_mask(loss_mask, loss_index)
-    kw = dict(attention_mask=attention_mask, deterministic=deterministic, rngs=rngs, logits_at=at)
-    if vocab_chunk:
-        hidden = model.apply(variables, tokens, return_hidden=True, **kw)
-        kernel = lm_head_kernel(variables["params"], model.config)
-        from jaxalign.models.layers import materialize_kernel
-
-        kernel = materialize_kernel(kernel, model.dtype)
-        out = token_logps_from_hidden(hidden, kernel, labels, mask, vocab_chunk=vocab_chunk)
-    else:
-        out = token_logps(model.apply(variables, tokens, **kw), labels, mask)
+    out = scored_logps(model, variables, tokens, labels, mask, vocab_chunk=vocab_chunk, rng=rng,
+                       deterministic=deterministic, attention_mask=attention_mask, logits_at=at)
     if loss_index is not None:
         missed = loss_mask[:, 1:].astype(jnp.int32).sum(-1) != mask.astype(jnp.int32).sum(-1)
         out = jnp.where(missed[:, None], jnp.nan, out)
@@ -118,22 +126,13 @@ def packed_token_logps_of(model, variables, batch, *, vocab_chunk=None, rng=None
     Returns (token log-probs, mask), each [2B, K]: the chosen rows, then the rejected rows, like
     `token_logps_of` on the two halves of an unpacked batch with a loss index.
     """
-    rngs = {"dropout": rng} if rng is not None and not deterministic else None
     at = jnp.concatenate([batch["chosen_logits_at"], batch["rejected_logits_at"]], 1)
     labels = jnp.concatenate([batch["chosen_labels"], batch["rejected_labels"]], 1)
     mask = jnp.concatenate([batch["chosen_label_mask"], batch["rejected_label_mask"]], 1)
-    kw = dict(attention_mask=batch["packed_attention_mask"],
-              segment_ids=batch["packed_segment_ids"], deterministic=deterministic, rngs=rngs,
-              logits_at=at)
-    tokens = batch["packed_tokens"]
-    if vocab_chunk:
-        hidden = model.apply(variables, tokens, return_hidden=True, **kw)
-        from jaxalign.models.layers import materialize_kernel
-
-        kernel = materialize_kernel(lm_head_kernel(variables["params"], model.config), model.dtype)
-        out = token_logps_from_hidden(hidden, kernel, labels, mask, vocab_chunk=vocab_chunk)
-    else:
-        out = token_logps(model.apply(variables, tokens, **kw), labels, mask)
+    out = scored_logps(model, variables, batch["packed_tokens"], labels, mask,
+                       vocab_chunk=vocab_chunk, rng=rng, deterministic=deterministic,
+                       attention_mask=batch["packed_attention_mask"],
+                       segment_ids=batch["packed_segment_ids"], logits_at=at)
     k = batch["chosen_labels"].shape[1]
     split = lambda x: jnp.concatenate([x[:, :k], x[:, k:]], 0)  # noqa: E731
     return split(out), split(mask.astype(bool))
@@ -170,7 +169,7 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
     def pair_logps(variables, batch, rng, deterministic):
         """(token log-probs, mask) [2B, ...] of the chosen rows then the rejected rows, from a
         plain or a prefix-shared (packed) preference batch."""
-        if "packed_tokens" in batch:
+        if is_packed(batch):
             return packed_token_logps_of(model, variables, batch, vocab_chunk=spec.vocab_chunk,
                                          rng=rng, deterministic=deterministic)
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], 0)
@@ -182,7 +181,7 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
         return logps(variables, tokens, am, lm, rng, deterministic, li)
 
     def preference(trainable, frozen, batch, rng, deterministic):
-        b = (batch["packed_tokens"] if "packed_tokens" in batch else batch["chosen_tokens"]).shape[0]
+        b = (batch["packed_tokens"] if is_packed(batch) else batch["chosen_tokens"]).shape[0]
         tok, m = pair_logps(policy_variables(trainable, frozen), batch, rng, deterministic)
         lengths = m.sum(-1).astype(jnp.float32)
         seq = reduce_sequence(tok, m, average=spec.average_logps)
@@ -233,7 +232,7 @@ def make_objective(model, spec: ObjectiveSpec, *, score_fn=None):
         return jnp.mean(losses), metrics, m.sum()
 
     def reward(trainable, frozen, batch, rng, deterministic):
-        if "packed_tokens" in batch:
+        if is_packed(batch):
             raise ValueError("reward-model batches score whole sequences; prefix-shared (packed) "
                              "batches are for the preference objectives")
         tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], 0)
