@@ -565,9 +565,16 @@ def lora_params(hidden: int, intermediate: int, layers: int, heads: int, kv_head
     return layers * rank * (q + o + 2 * kv + mlp)
 
 
-def attention_flops_fwd(layers: int, heads: int, head_dim: int, n_seq: int, seq_len: int) -> float:
-    """QK^T and PV over the full (unmasked) T x T score matrix: 4 * B * H * T^2 * d per layer."""
-    return 4.0 * layers * n_seq * heads * seq_len ** 2 * head_dim
+def visible_pairs(prefix: int, continuations: Sequence[int] = ()) -> int:
+    """(query, key) pairs a causal mask lets queries see in one sequence of `prefix` tokens, or in
+    one prefix-shared row: the prefix, then continuations that each see the prefix and themselves."""
+    pairs = prefix * (prefix + 1) // 2
+    return pairs + sum(c * prefix + c * (c + 1) // 2 for c in continuations)
+
+
+def attention_flops_fwd(layers: int, heads: int, head_dim: int, pairs: int) -> float:
+    """QK^T and PV over `pairs` visible (query, key) pairs in all: 4 * H * d per pair per layer."""
+    return 4.0 * layers * heads * head_dim * pairs
 
 
 def dpo_step_flops(s: Shapes, *, reference_forward: bool, lora_rank: int | None = None,
@@ -580,18 +587,22 @@ def dpo_step_flops(s: Shapes, *, reference_forward: bool, lora_rank: int | None 
     gradients; the adapters cost 3 x their forward (2 N_lora tokens).
     N counts every matmul parameter; the LM head's share is counted at `head_positions` positions
     per sequence (default: every position; TRL on CPU scores seq_len - 1, jaxalign with a loss
-    index only the completion positions). `packed_len`: prefix sharing, each pair one row of that
-    many positions ([prompt | chosen | rejected]); the attention is counted over the whole
-    packed_len^2 score matrix, as it is computed."""
+    index only the completion positions). Attention is counted over the (query, key) pairs the
+    causal mask lets a query see (`visible_pairs`), the useful work, for every contestant: a
+    kernel that skips hidden blocks (torch's causal SDPA, jaxalign's CPU kernel) computes somewhat
+    more at block edges, XLA's einsum path all T^2. `packed_len`: prefix sharing, each pair one row
+    of that many positions ([prompt | chosen | rejected], completions of s.completion tokens)."""
     hd = s.hidden // s.heads
     body = linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, hd, s.vocab, lm_head=False)
     tokens = s.tokens_per_step
     n_seq = 2 * s.pairs
     head_tokens = n_seq * (s.seq_len if head_positions is None else head_positions)
-    attention = attention_flops_fwd(s.layers, s.heads, hd, n_seq, s.seq_len)
+    attention = attention_flops_fwd(s.layers, s.heads, hd, n_seq * visible_pairs(s.seq_len))
     if packed_len is not None:  # prefix sharing: one row of packed_len positions per pair
         tokens = s.pairs * packed_len
-        attention = attention_flops_fwd(s.layers, s.heads, hd, s.pairs, packed_len)
+        prefix = packed_len - 2 * s.completion
+        attention = attention_flops_fwd(s.layers, s.heads, hd,
+                                        s.pairs * visible_pairs(prefix, (s.completion, s.completion)))
     fwd = 2.0 * body * tokens + 2.0 * s.hidden * s.vocab * head_tokens + attention
     if lora_rank is None:
         policy = 3.0 * fwd

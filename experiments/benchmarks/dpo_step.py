@@ -512,8 +512,9 @@ def main(argv=None):
         shapes_line(s, steps, warmup),
         C.table(step_headers(), rows_out),
         peak_line(peak, n_peak) + " Model FLOPs: 6 N tokens (policy forward+backward) + 2 N tokens "
-        "(reference forward, absent when precomputed) + attention (4 B H T^2 d per layer forward, "
-        "x3 with backward), N = all matmul weights "
+        "(reference forward, absent when precomputed) + attention (4 H d per visible (query, key) "
+        "pair per layer forward, x3 with backward: the pairs the causal mask lets a query see, for "
+        "every contestant), N = all matmul weights "
         f"({C.linear_params(s.hidden, s.intermediate, s.layers, s.heads, s.heads, s.hidden // s.heads, s.vocab):,}), "
         f"each contestant's LM head counted where it runs: TRL at {t_trl} positions per sequence "
         "(on CPU it scores every position; on CUDA its Triton kernel only the loss positions), "
@@ -522,8 +523,10 @@ def main(argv=None):
         f"`jaxalign` (and `precomputed`, `vocab_chunk`) run jaxalign's defaults for preference "
         f"training: prefix sharing, each pair one row [prompt | chosen | rejected] of {packed_len} "
         f"positions instead of two rows of {s.seq_len} (same log-probs; its FLOPs are counted over "
-        f"those {packed_len} positions and the full {packed_len}^2 attention); `{UNSHARED}` is the "
-        "same step on the two unpacked rows.",
+        f"those {packed_len} positions, attention over the pairs each continuation sees: the "
+        f"prompt and itself); `{UNSHARED}` is the same step on the two unpacked rows. On the CPU, "
+        "jaxalign's attention is its native kernel (`jaxalign/models/attention_cpu.cc`), which "
+        "skips key tiles the mask hides.",
         f"Sanity: log-probs of the unshared step {info_uns['first_logps_chosen']:.4f} (shared "
         f"{info_ref['first_logps_chosen']:.4f}).",
         f"Sanity: first-step loss jaxalign {info_ref['first_loss']:.6f} / TRL {first_trl:.6f} (log 2 = "

@@ -147,7 +147,8 @@ def main(argv=None):
         f"CPU, the loss positions on CUDA), jaxalign (loss index from its collator) at the {k_head} "
         f"completion positions. jaxalign runs its default prefix sharing: each pair one row "
         f"[prompt | chosen | rejected] of {packed_len} positions instead of two of {s.seq_len}, FLOPs "
-        "counted over those positions.",
+        "counted over those positions. Attention is counted over the (query, key) pairs the causal "
+        "mask lets a query see, for both libraries.",
         "First-step losses (all start at log 2 = 0.693147 since B = 0): "
         + ", ".join(f"{k} {v:.6f}" for k, v in numbers["first_loss"].items()) + ".",
         *notes,

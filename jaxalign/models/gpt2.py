@@ -16,7 +16,9 @@ import jax.numpy as jnp
 
 from jaxalign.models.config import GPT2Config
 from jaxalign.models.remat import dropout_rng, remat_call
-from jaxalign.models.layers import Linear, dot_product_attention, prepare_inputs, select_positions
+from jaxalign.models.layers import (
+    Linear, causal_attention, dot_product_attention, prepare_inputs, select_positions,
+)
 
 Dtype = Any
 
@@ -75,8 +77,8 @@ class GPT2Attention(nn.Module):
         scale = (hd ** -0.5) if c.scale_attn_weights else 1.0
         if c.scale_attn_by_inverse_layer_idx:
             scale = scale / float(self.layer_idx + 1)
-        a = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, scale=scale,
-                                  dtype=self.dtype)
+        attend = dot_product_attention if layer_cache is not None else causal_attention
+        a = attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, scale=scale, dtype=self.dtype)
         a = Linear(d, kernel_axes=("heads", "embed"), name="c_proj", **kw)(
             a.reshape(b, t, d), deterministic=deterministic)
         return a, new_cache

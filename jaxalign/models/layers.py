@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.fusion import computed_once
+from jaxalign.models import attention_cpu
 
 Dtype = Any
 
@@ -164,11 +165,18 @@ def rope_tables(positions, inv_freq, dtype):
 
 
 def apply_rope(x, rope):
-    """Rotates x [B, T, H, D] by `rope` = (cos, sin) from `rope_tables`."""
+    """Rotates x [B, T, H, D] by `rope` = (cos, sin) from `rope_tables`.
+
+    Hugging Face's rotate_half: out = x * cos + concat(-x2, x1) * sin for halves x1, x2 of D. The
+    halves are taken as a [2, D/2] view and swapped with a flip, the sign folded into sin: no
+    concatenation, which XLA:CPU emits as a slow loop (forward and backward twice as fast).
+    """
     cos, sin = rope
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
+    pairs = x.reshape(*x.shape[:-1], 2, half)
+    c = cos[..., None, :half].astype(x.dtype)
+    s = sin[..., None, :half].astype(x.dtype) * jnp.asarray([[-1.0], [1.0]], x.dtype)
+    return (pairs * c + jnp.flip(pairs, axis=-2) * s).reshape(x.shape)
 
 
 def attention_mask_4d(q_positions, kv_positions, kv_valid, *, sliding_window=None,
@@ -191,30 +199,76 @@ def attention_mask_4d(q_positions, kv_positions, kv_valid, *, sliding_window=Non
     return mask[:, None, :, :]
 
 
-def dot_product_attention(q, k, v, mask, *, scale, dtype):
+def dot_product_attention(q, k, v, mask, *, scale, dtype, query_blocks=None):
     """Grouped-query attention. q [B, T, H, D], k/v [B, S, KVH, D], mask [B, 1, T, S] -> [B, T, H, D].
 
-    Logits and softmax in fp32; query rows with no valid key (padding) return zeros. The G = H/KVH
-    query heads sharing a key head are stacked along the query axis, so both products are plain
-    batched matmuls over (B, KVH) ([G*T, D] x [D, S] and [G*T, S] x [S, D]) rather than
+    Logits and softmax in fp32; query rows with no valid key (padding) return zeros. In fp32 on a
+    single-device CPU the fused kernel `jaxalign.models.attention_cpu` computes it (same result;
+    it skips every key tile the mask hides from a block of queries). Otherwise XLA's matmuls:
+    the G = H/KVH query heads sharing a key head are stacked along the query axis, so both
+    products are plain batched matmuls over (B, KVH) ([G*T, D] x [D, S] and [G*T, S] x [S, D]) rather than
     contractions of a 5-D layout, which XLA:CPU surrounds with transposes.
+
+    query_blocks: optional increasing ends of query blocks (the last = T). Query block
+    [ends[i-1], ends[i]) is scored against keys [0, ends[i]) only; the caller guarantees the mask
+    is False beyond (causal self-attention: `causal_attention`). The head-major transposes are
+    done once, outside the blocks.
     """
+    if jnp.dtype(dtype) == jnp.float32 and attention_cpu.usable(q, k, v):
+        return attention_cpu.attention(q, k, v, mask, scale=scale)
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
     g = h // kvh
-    qh = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+    qh = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, T, D]
     kh = k.transpose(0, 2, 1, 3)  # [B, KVH, S, D]
     vh = v.astype(dtype).transpose(0, 2, 1, 3)
-    logits = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32) * scale
-    logits = logits.reshape(b, kvh, g, t, s)
-    m = mask[:, :, None, :, :]  # [B, 1, 1, T, S]
-    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, kvh, g * t, s)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh)  # [B, KVH, G*T, D]
-    out = out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    ends = tuple(query_blocks) if query_blocks else (t,)
+    if ends[-1] != t or any(e1 <= e0 for e0, e1 in zip((0,) + ends, ends)) or ends[-1] > s:
+        raise ValueError(f"query_blocks: expected increasing ends up to T={t} (keys: {s}), got {ends}")
+    parts, start = [], 0
+    for end in ends:
+        stop = s if len(ends) == 1 else end
+        parts.append(_attend(qh[:, :, :, start:end], kh[:, :, :stop], vh[:, :, :stop],
+                             mask[:, :, start:end, :stop], scale=scale, dtype=dtype))
+        start = end
+    out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=3)  # [B, KVH, G, T, D]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     # rows with no valid key (e.g. left padding) averaged v uniformly: zero them on the output,
     # D values per row instead of S probabilities
     return jnp.where(jnp.any(mask, axis=-1)[:, 0, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def _attend(qh, kh, vh, mask, *, scale, dtype):
+    """qh [B, KVH, G, T, D], kh/vh [B, KVH, S, D], mask [B, 1, T, S] -> [B, KVH, G, T, D]."""
+    b, kvh, g, t, d = qh.shape
+    s = kh.shape[2]
+    logits = jnp.einsum("bkqd,bksd->bkqs", qh.reshape(b, kvh, g * t, d), kh,
+                        preferred_element_type=jnp.float32) * scale
+    logits = logits.reshape(b, kvh, g, t, s)
+    logits = jnp.where(mask[:, :, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, kvh, g * t, s)
+    return jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kvh, g, t, d)
+
+
+def causal_blocks(t: int, *, block: int = 64, max_blocks: int = 4) -> tuple[int, ...]:
+    """Ends of the query blocks `causal_attention` splits t positions into: ceil(t / block)
+    blocks, at most `max_blocks`, of near-equal length (multiples of 8 but the last). Query block
+    i attends to keys [0, ends[i]); with n equal blocks that is (n + 1) / 2n of the t x t scores."""
+    n = max(1, min(max_blocks, -(-t // block)))
+    return tuple(sorted({min(t, -(-(t * (i + 1) // n) // 8) * 8) for i in range(n)} | {t}))
+
+
+def causal_attention(q, k, v, mask, *, scale, dtype):
+    """`dot_product_attention` for self-attention without a cache: q and k/v hold the same T
+    slots and the mask is causal by slot (as `prepare_inputs` makes it without a cache), so no
+    query sees a later key. Each query block (`causal_blocks`) is scored against the keys up to
+    its own end only, skipping score blocks above the diagonal that the mask would zero: at
+    T = 192, 6 of 9 blocks. Same result. q [B, T, H, D], k/v [B, T, KVH, D], mask [B, 1, T, T]."""
+    t = q.shape[1]
+    if k.shape[1] != t or tuple(mask.shape[-2:]) != (t, t):
+        raise ValueError(f"causal_attention: expected self-attention over the same {t} slots, got "
+                         f"{k.shape[1]} keys and mask {tuple(mask.shape)}")
+    return dot_product_attention(q, k, v, mask, scale=scale, dtype=dtype, query_blocks=causal_blocks(t))
 
 
 def select_positions(x, logits_at):

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jaxalign.models.config import LlamaConfig
 from jaxalign.models.remat import dropout_rng, remat_call
 from jaxalign.models.layers import (
-    Linear, RMSNorm, apply_rope, dot_product_attention, prepare_inputs, rope_inv_freq, rope_tables,
-    select_positions,
+    Linear, RMSNorm, apply_rope, causal_attention, dot_product_attention, prepare_inputs,
+    rope_inv_freq, rope_tables, select_positions,
 )
 
 Dtype = Any
@@ -64,7 +64,8 @@ class Attention(nn.Module):
                                                  (0, write_index, 0, 0))
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-        out = dot_product_attention(q, k, v, mask, scale=c.head_dim ** -0.5, dtype=self.dtype)
+        attend = dot_product_attention if layer_cache is not None else causal_attention
+        out = attend(q, k, v, mask, scale=c.head_dim ** -0.5, dtype=self.dtype)
         out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
         out = Linear(c.hidden_size, use_bias=c.o_proj_bias, kernel_axes=("heads", "embed"),
                      name="o_proj", **kw)(out, deterministic=deterministic)

@@ -18,12 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,55 +25,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import native
+
 TARGET = "jaxalign_nf4_dequantize"
 SOURCE = Path(__file__).with_name("nf4_cpu.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-pthread")
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXALIGN_CACHE_DIR") or Path.home() / ".cache" / "jaxalign")
+# -ffp-contract=off: the scale's product and sum are rounded separately, as bitsandbytes does
+FLAGS = native.BASE_FLAGS + ("-ffp-contract=off",)
+threads = native.threads
 
 
 def library_path(compiler: str) -> Path:
     """Where the kernel built by `compiler` for this machine is cached."""
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
-                 jax.__version__.encode(), getattr(jax.lib, "__version__", "").encode(),
-                 platform.machine().encode(), _cpu_flags().encode()):
-        key.update(part + b"\0")
-    return cache_dir() / f"nf4_cpu-{key.hexdigest()[:16]}.so"
+    return native.library_path(SOURCE, FLAGS, compiler)
 
 
 def build(compiler: str | None = None, *, out: Path | None = None, extra_flags=()) -> Path:
-    """Compiles nf4_cpu.cc into a shared library (atomically, so parallel builds are safe) and
-    returns its path. Raises RuntimeError with the compiler's message when it fails."""
-    compiler = compiler or os.environ.get("CXX") or "c++"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
-    out = out or library_path(compiler)
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [compiler, *FLAGS, *extra_flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
+    """Compiles nf4_cpu.cc into a shared library (`jaxalign.native.build`) and returns its path.
+    Raises RuntimeError with the compiler's message when it fails."""
+    return native.build(SOURCE, FLAGS + tuple(extra_flags), compiler, out=out)
 
 
 def register(path: Path, target: str = TARGET) -> None:
@@ -94,7 +57,7 @@ def register(path: Path, target: str = TARGET) -> None:
 @functools.cache
 def available() -> bool:
     """Whether the native kernel is built and registered (once per process; see module doc)."""
-    if os.environ.get("JAXALIGN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not native.enabled():
         return False
     try:
         register(build())
@@ -103,13 +66,6 @@ def available() -> bool:
         warnings.warn(f"jaxalign: the native NF4 CPU kernel is unavailable, dequantize_nf4 uses "
                       f"XLA's loop on the CPU ({e})", RuntimeWarning, stacklevel=2)
         return False
-
-
-def threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def dequantize_flat(codes, scale, *, size: int, block_size: int, target: str = TARGET):

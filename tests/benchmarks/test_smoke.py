@@ -200,7 +200,7 @@ def test_dpo_step_flops_by_hand():
     s = common.Shapes(vocab=10, hidden=4, layers=1, heads=2, intermediate=6, prompt=2, completion=1, pairs=1)
     n = 4 * 4 * 4 + 3 * 4 * 6 + 4 * 10  # q,k,v,o + gate,up,down + LM head = 176
     tokens = 2 * 3
-    attn = 4.0 * 1 * 2 * 2 * 3 ** 2 * 2  # 4 B H T^2 d
+    attn = 4.0 * 1 * 2 * 2 * (1 + 2 + 3) * 2  # 4 B H d x the causally visible pairs of T = 3
     fwd = 2 * n * tokens + attn
     assert common.dpo_step_flops(s, reference_forward=True) == 4 * fwd
     assert common.dpo_step_flops(s, reference_forward=False) == 3 * fwd
@@ -210,3 +210,9 @@ def test_dpo_step_flops_by_hand():
     # the LM head (4 x 10) at 1 of the 3 positions per sequence (a loss index on the completion)
     fwd1 = fwd - 2 * 4 * 10 * 2 * (3 - 1)
     assert common.dpo_step_flops(s, reference_forward=True, head_positions=1) == 4 * fwd1
+    # prefix sharing: one row [prompt 2 | chosen 1 | rejected 1]; each completion token sees the
+    # prompt and itself: 3 + 3 + 3 pairs
+    assert common.visible_pairs(2, (1, 1)) == 3 + 3 + 3
+    attn_packed = 4.0 * 1 * 2 * 9 * 2
+    fwd_packed = 2 * (n - 40) * 4 + 2 * 40 * 6 + attn_packed  # body at 4 positions, LM head at 6
+    assert common.dpo_step_flops(s, reference_forward=False, packed_len=4) == 3 * fwd_packed
