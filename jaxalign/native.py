@@ -19,7 +19,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import jax
 
@@ -83,3 +85,17 @@ def threads() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def load(register: Callable[[], None], *, what: str, fallback: str) -> bool:
+    """Runs `register()` (build and register a kernel) unless native kernels are off. Returns
+    whether it succeeded; on failure warns once: '<what> is unavailable, <fallback> (<error>)'."""
+    if not enabled():
+        return False
+    try:
+        register()
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure falls back to XLA's lowering
+        warnings.warn(f"jaxalign: {what} is unavailable, {fallback} ({e})", RuntimeWarning,
+                      stacklevel=3)
+        return False

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import warnings
 from pathlib import Path
 
 import jax
@@ -50,15 +49,8 @@ def register(path: Path, target: str = TARGET) -> None:
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered (once per process)."""
-    if not native.enabled():
-        return False
-    try:
-        register(build())
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure falls back to XLA's attention
-        warnings.warn(f"jaxalign: the native CPU attention kernel is unavailable, attention uses "
-                      f"XLA's matmuls ({e})", RuntimeWarning, stacklevel=2)
-        return False
+    return native.load(lambda: register(build()), what="the native CPU attention kernel",
+                       fallback="attention uses XLA's matmuls")
 
 
 def usable(q, k, v) -> bool:

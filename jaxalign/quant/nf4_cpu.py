@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import warnings
 from pathlib import Path
 
 import jax
@@ -57,15 +56,8 @@ def register(path: Path, target: str = TARGET) -> None:
 @functools.cache
 def available() -> bool:
     """Whether the native kernel is built and registered (once per process; see module doc)."""
-    if not native.enabled():
-        return False
-    try:
-        register(build())
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure falls back to the XLA loop
-        warnings.warn(f"jaxalign: the native NF4 CPU kernel is unavailable, dequantize_nf4 uses "
-                      f"XLA's loop on the CPU ({e})", RuntimeWarning, stacklevel=2)
-        return False
+    return native.load(lambda: register(build()), what="the native NF4 CPU kernel",
+                       fallback="dequantize_nf4 uses XLA's loop on the CPU")
 
 
 def dequantize_flat(codes, scale, *, size: int, block_size: int, target: str = TARGET):

@@ -5,10 +5,6 @@ AVX-512 agrees; bf16 and odd head sizes keep XLA's attention; without the kernel
 back to XLA with one warning. `causal_attention` (XLA's path with causal key blocks) equals the
 full computation."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +15,7 @@ from jaxalign.models import attention_cpu
 from jaxalign.models.layers import (
     causal_attention, causal_blocks, dot_product_attention, prepare_inputs,
 )
+from tests.native_fallback import CASES, last_line
 
 
 def _reference(q, k, v, mask, scale):
@@ -163,13 +160,9 @@ print(attention_cpu.available(), len(caught), "jaxalign_attention" in text,
 """
 
 
-@pytest.mark.parametrize("env,warned", [({"CXX": "no-such-compiler"}, 1), ({"JAXALIGN_NATIVE": "0"}, 0)])
+@pytest.mark.parametrize("env,warned", CASES)
 def test_fallback_without_the_kernel(tmp_path, env, warned):
-    full = {**os.environ, "JAXALIGN_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu", **env}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=full, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    line = out.stdout.strip().splitlines()[-1]
+    line = last_line(SCRIPT, tmp_path, env)
     assert line.startswith(f"False {warned} False True"), line
     if warned:
         assert "no-such-compiler" in line and "XLA's matmuls" in line

@@ -2,10 +2,6 @@
 odd and partial sizes, both quantization modes, threaded and scalar builds; without a compiler (or
 with JAXALIGN_NATIVE=0) dequantize_nf4 falls back to XLA's loop with one warning."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +9,7 @@ import pytest
 
 from jaxalign.quant import dequantize_nf4, nf4_cpu, quantize_nf4
 from jaxalign.quant.nf4 import NF4_CODE, dequantize_absmax
+from tests.native_fallback import CASES, last_line
 
 
 def _numpy_dequantize(q):
@@ -71,13 +68,9 @@ print(ok, len(caught), np.abs(d - w).max() < 0.5, [str(c.message)[:200] for c in
 """
 
 
-@pytest.mark.parametrize("env,warned", [({"CXX": "no-such-compiler"}, 1), ({"JAXALIGN_NATIVE": "0"}, 0)])
+@pytest.mark.parametrize("env,warned", CASES)
 def test_fallback_without_the_kernel(tmp_path, env, warned):
-    full = {**os.environ, "JAXALIGN_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu", **env}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=full, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    line = out.stdout.strip().splitlines()[-1]
+    line = last_line(SCRIPT, tmp_path, env)
     assert line.startswith(f"False {warned} True"), line
     if warned:
         assert "no-such-compiler" in line and "XLA's loop" in line
