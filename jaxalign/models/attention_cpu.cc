@@ -25,6 +25,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <utility>
 #include <thread>
 #include <vector>
 
@@ -304,20 +305,61 @@ void ParallelFor(int64_t tasks, int64_t threads, const std::function<void(int64_
   for (auto& th : pool) th.join();
 }
 
-// k or v of one (b, kv head) transposed into [d][sp], zero beyond s; 16 keys at a time, so the
-// writes of one k fill a cache line and the 16 source rows stay in cache across k.
-void Transpose(const float* x, const Dims& n, int64_t b, int64_t kv, float* out) {
-  const int64_t stride = n.kvh * n.d;
-  const float* base = x + (b * n.s * n.kvh + kv) * n.d;
+// Rows x[j * stride + k] (j < s) transposed into out[k][j] ([d][sp], zero beyond s); 16 keys at a
+// time, so the writes of one k fill a cache line and the 16 source rows stay in cache across k.
+void Transpose(const float* x, int64_t stride, const Dims& n, float* out) {
   for (int64_t j0 = 0; j0 < n.sp; j0 += W) {
     const int64_t j1 = std::min<int64_t>(j0 + W, n.s);
     for (int64_t k = 0; k < n.d; ++k) {
       float* o = out + k * n.sp + j0;
       int64_t j = j0;
-      for (; j < j1; ++j) o[j - j0] = base[j * stride + k];
+      for (; j < j1; ++j) o[j - j0] = x[j * stride + k];
       for (; j < j0 + W; ++j) o[j - j0] = 0.0f;
     }
   }
+}
+
+// Rotary position embedding applied inside the kernel (Hugging Face's rotate_half layout):
+// rope(x) = x * cos + rot(x) * sin, rot(x) = concat(-x2, x1) for the halves x1, x2 of d; the
+// tables cos/sin are [B, S, d] (self-attention: S = T). Without tables both are the identity.
+struct Rope {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t s = 0, d = 0;
+  // out = mul * rope(x) for the token at (b, pos)
+  void Apply(const float* x, int64_t b, int64_t pos, float* out, float mul) const {
+    if (cos == nullptr) {
+      for (int64_t c = 0; c < d; ++c) out[c] = x[c] * mul;
+      return;
+    }
+    const float* cr = cos + (b * s + pos) * d;
+    const float* sr = sin + (b * s + pos) * d;
+    const int64_t h = d / 2;
+    for (int64_t c = 0; c < h; ++c) out[c] = mul * (x[c] * cr[c] - x[c + h] * sr[c]);
+    for (int64_t c = h; c < d; ++c) out[c] = mul * (x[c] * cr[c] + x[c - h] * sr[c]);
+  }
+  // out = mul * rope^T(g): the gradient of x from the gradient g of rope(x)
+  void Undo(const float* g, int64_t b, int64_t pos, float* out, float mul) const {
+    if (cos == nullptr) {
+      for (int64_t c = 0; c < d; ++c) out[c] = g[c] * mul;
+      return;
+    }
+    const float* cr = cos + (b * s + pos) * d;
+    const float* sr = sin + (b * s + pos) * d;
+    const int64_t h = d / 2;
+    for (int64_t c = 0; c < h; ++c) out[c] = mul * (g[c] * cr[c] + g[c + h] * sr[c + h]);
+    for (int64_t c = h; c < d; ++c) out[c] = mul * (g[c] * cr[c] - g[c - h] * sr[c - h]);
+  }
+};
+
+// The keys of one (b, kv head) as rows the products can use: k itself (stride kvh * d) or, with
+// rope, the rotated rows written to `rotated` ([s][d], stride d). Returns (rows, stride).
+std::pair<const float*, int64_t> KeyRows(const float* kp, const Rope& rope, const Dims& n,
+                                         int64_t b, int64_t kv, float* rotated) {
+  const float* base = kp + (b * n.s * n.kvh + kv) * n.d;
+  if (rope.cos == nullptr) return {base, n.kvh * n.d};
+  for (int64_t j = 0; j < n.s; ++j) rope.Apply(base + j * n.kvh * n.d, b, j, rotated + j * n.d, 1.0f);
+  return {rotated, n.d};
 }
 
 ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
@@ -337,11 +379,26 @@ ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>
   return ffi::Error::Success();
 }
 
+ffi::Error CheckRope(const ffi::Buffer<ffi::F32>& cos, const ffi::Buffer<ffi::F32>& sin,
+                     const Dims& n, Rope* rope) {
+  rope->d = n.d;
+  if (cos.element_count() == 0 && sin.element_count() == 0) return ffi::Error::Success();
+  auto cd = cos.dimensions(), sd = sin.dimensions();
+  if (cd.size() != 3 || sd.size() != 3 || cd[0] != n.b || cd[1] != n.s || cd[2] != n.d ||
+      sd[0] != cd[0] || sd[1] != cd[1] || sd[2] != cd[2] || n.s != n.t || n.d % 2 != 0)
+    return ffi::Error::InvalidArgument("attention: rope tables must be [B, T, D] with S = T");
+  rope->cos = cos.typed_data(), rope->sin = sin.typed_data(), rope->s = n.s, rope->d = n.d;
+  return ffi::Error::Success();
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse, float scale, int64_t threads) {
+                   ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
+                   int64_t threads) {
   Dims n;
   if (auto e = CheckDims(q, k, v, mask, &n); e.failure()) return e;
+  Rope rope;
+  if (auto e = CheckRope(cos, sin, n, &rope); e.failure()) return e;
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
@@ -349,7 +406,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   float* op = out->typed_data();
   float* lp = lse->typed_data();
   struct Scratch {
-    std::vector<float> kt, qs, s, o, lse_blk, inv;
+    std::vector<float> kt, krot, qs, s, o, lse_blk, inv;
     std::vector<uint8_t> active;
   };
   std::vector<Scratch> scratch(std::max<int64_t>(1, threads));
@@ -359,10 +416,12 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
     if (w.kt.empty()) {
       w.kt.resize(n.d * n.sp), w.qs.resize(R * n.d), w.s.resize(R * n.sp), w.o.resize(R * n.d);
       w.lse_blk.resize(R), w.inv.resize(R), w.active.resize(n.sp / W);
+      if (rope.cos != nullptr) w.krot.resize(n.s * n.d);
     }
     auto &kt = w.kt, &qs = w.qs, &s = w.s, &o = w.o, &lse_blk = w.lse_blk, &inv = w.inv;
     auto& active = w.active;
-    Transpose(kp, n, b, kv, kt.data());
+    const auto [krows, kstride] = KeyRows(kp, rope, n, b, kv, w.krot.data());
+    Transpose(krows, kstride, n, kt.data());
     const float* vrows = vp + (b * n.s * n.kvh + kv) * n.d;
     for (int64_t gi = 0; gi < n.g; ++gi) {
       const int64_t h = kv * n.g + gi;
@@ -371,8 +430,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
         const uint8_t* mrows = mp + (b * n.t + t0) * n.s;
         std::fill(qs.begin(), qs.end(), 0.0f);
         for (int r = 0; r < rows; ++r) {
-          const float* qr = qp + ((b * n.t + t0 + r) * n.h + h) * n.d;
-          for (int64_t c = 0; c < n.d; ++c) qs[r * n.d + c] = qr[c] * scale;
+          rope.Apply(qp + ((b * n.t + t0 + r) * n.h + h) * n.d, b, t0 + r, qs.data() + r * n.d, scale);
         }
         ActiveTiles(mrows, rows, n, active.data());
         Scores(qs.data(), kt.data(), s.data(), n, active.data());
@@ -390,12 +448,15 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> cos,
+                    ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> out,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t threads) {
   Dims n;
   if (auto e = CheckDims(q, k, v, mask, &n); e.failure()) return e;
+  Rope rope;
+  if (auto e = CheckRope(cos, sin, n, &rope); e.failure()) return e;
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
@@ -409,7 +470,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
   constexpr int64_t kChunk = 8 * R;  // query rows whose P and dS are kept for dK and dV
   const int64_t tiles = n.sp / W;
   struct Scratch {
-    std::vector<float> kt, vt, qs, dos, p, ds, dqb, dk_acc, dv_acc, lse_blk, delta;
+    std::vector<float> kt, vt, krot, qs, dos, p, ds, dqb, dk_acc, dv_acc, lse_blk, delta;
     std::vector<uint8_t> active;
   };
   std::vector<Scratch> scratch(std::max<int64_t>(1, threads));
@@ -421,15 +482,16 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
       w.dos.resize(kChunk * n.d), w.p.resize(kChunk * n.sp), w.ds.resize(kChunk * n.sp);
       w.dqb.resize(R * n.d), w.dk_acc.resize(n.sp * n.d), w.dv_acc.resize(n.sp * n.d);
       w.lse_blk.resize(R), w.delta.resize(R), w.active.resize((kChunk / R) * tiles);
+      if (rope.cos != nullptr) w.krot.resize(n.s * n.d);
     }
     auto &kt = w.kt, &vt = w.vt, &qs = w.qs, &dos = w.dos, &p = w.p, &ds = w.ds, &dqb = w.dqb;
     auto &dk_acc = w.dk_acc, &dv_acc = w.dv_acc, &lse_blk = w.lse_blk, &delta = w.delta;
     auto& active = w.active;
     std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
     std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
-    Transpose(kp, n, b, kv, kt.data());
-    Transpose(vp, n, b, kv, vt.data());
-    const float* krows = kp + (b * n.s * n.kvh + kv) * n.d;
+    const auto [krows, kstride] = KeyRows(kp, rope, n, b, kv, w.krot.data());
+    Transpose(krows, kstride, n, kt.data());
+    Transpose(vp + (b * n.s * n.kvh + kv) * n.d, n.kvh * n.d, n, vt.data());
     for (int64_t gi = 0; gi < n.g; ++gi) {
       const int64_t h = kv * n.g + gi;
       for (int64_t c0 = 0; c0 < n.t; c0 += kChunk) {
@@ -452,8 +514,8 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
           for (int r = 0; r < rows; ++r) {
             const int64_t row = (b * n.t + t0 + r) * n.h + h;
             float dot = 0.0f;
+            rope.Apply(qp + row * n.d, b, t0 + r, qb + r * n.d, scale);
             for (int64_t c = 0; c < n.d; ++c) {
-              qb[r * n.d + c] = qp[row * n.d + c] * scale;
               dob[r * n.d + c] = dop[row * n.d + c];
               dot += dop[row * n.d + c] * op[row * n.d + c];
             }
@@ -471,11 +533,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
               store(dsb + r * n.sp + j, load(pb + r * n.sp + j) * (load(dsb + r * n.sp + j) - delta[r]));
             }
           }
-          Mix(dsb, krows, n.kvh * n.d, dqb.data(), n, act);
-          for (int r = 0; r < rows; ++r) {
-            float* dqr = dqp + ((b * n.t + t0 + r) * n.h + h) * n.d;
-            for (int64_t c = 0; c < n.d; ++c) dqr[c] = dqb[r * n.d + c] * scale;
-          }
+          Mix(dsb, krows, kstride, dqb.data(), n, act);
+          for (int r = 0; r < rows; ++r)
+            rope.Undo(dqb.data() + r * n.d, b, t0 + r, dqp + ((b * n.t + t0 + r) * n.h + h) * n.d, scale);
         }
         Accumulate(p.data(), dos.data(), dv_acc.data(), n, active.data(), chunk_rows);
         Accumulate(ds.data(), qs.data(), dk_acc.data(), n, active.data(), chunk_rows);  // qs: scaled
@@ -483,7 +543,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
     }
     for (int64_t j = 0; j < n.s; ++j) {
       const int64_t row = ((b * n.s + j) * n.kvh + kv) * n.d;
-      std::memcpy(dkp + row, dk_acc.data() + j * n.d, n.d * sizeof(float));
+      rope.Undo(dk_acc.data() + j * n.d, b, j, dkp + row, 1.0f);
       std::memcpy(dvp + row, dv_acc.data() + j * n.d, n.d * sizeof(float));
     }
   });
@@ -498,6 +558,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxalignAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
@@ -509,6 +571,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxalignAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -60,46 +60,57 @@ def usable(q, k, v) -> bool:
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 
 
-def _forward(q, k, v, mask, scale, target):
+def _forward(q, k, v, mask, cos, sin, scale, target):
     b, t, h, _ = q.shape
     call = jax.ffi.ffi_call(target + "_fwd", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                               jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
                             vmap_method="sequential")
-    return call(q, k, v, mask, scale=np.float32(scale), threads=np.int64(native.threads()))
+    return call(q, k, v, mask, cos, sin, scale=np.float32(scale), threads=np.int64(native.threads()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, mask, scale, target):
-    return _forward(q, k, v, mask, scale, target)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, mask, cos, sin, scale, target):
+    return _forward(q, k, v, mask, cos, sin, scale, target)[0]
 
 
-def _attention_fwd(q, k, v, mask, scale, target):
-    out, lse = _forward(q, k, v, mask, scale, target)
-    return out, (q, k, v, mask, out, lse)
+def _attention_fwd(q, k, v, mask, cos, sin, scale, target):
+    out, lse = _forward(q, k, v, mask, cos, sin, scale, target)
+    return out, (q, k, v, mask, cos, sin, out, lse)
 
 
 def _attention_bwd(scale, target, res, dout):
-    q, k, v, mask, out, lse = res
+    q, k, v, mask, cos, sin, out, lse = res
     call = jax.ffi.ffi_call(target + "_bwd", tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
                                                    for x in (q, k, v)),
                             vmap_method="sequential")
-    dq, dk, dv = call(q, k, v, mask, out, lse, dout.astype(jnp.float32), scale=np.float32(scale),
-                      threads=np.int64(native.threads()))
-    return dq, dk, dv, None
+    dq, dk, dv = call(q, k, v, mask, cos, sin, out, lse, dout.astype(jnp.float32),
+                      scale=np.float32(scale), threads=np.int64(native.threads()))
+    return dq, dk, dv, None, None, None  # the mask and the rope tables get no gradient
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q, k, v, mask, *, scale: float, target: str = TARGET):
+def attention(q, k, v, mask, *, scale: float, rope=None, target: str = TARGET):
     """softmax(scale * q k^T, masked) v by the native kernel, differentiable in q, k, v.
 
     q [B, T, H, D], k/v [B, S, KVH, D] fp32 (H a multiple of KVH, D of 16), mask bool
     [B, 1, T, S] or [B, T, S] -> [B, T, H, D]. A query row without a visible key gives zeros.
+    rope: optional (cos, sin) from `jaxalign.models.layers.rope_tables` ([B, T, 1, D], self-attention
+    only: S = T): q and k are then rotated inside the kernel (`apply_rope` on both first, fused),
+    and their gradients are returned for the unrotated inputs.
     Needs `available()`; `usable` checks the rest.
     """
     if target == TARGET and not available():
         raise RuntimeError("the native CPU attention kernel is unavailable (see the warning)")
     if mask.ndim == 4:
         mask = mask[:, 0]
-    return _attention(q, k, v, mask.astype(jnp.uint8), float(scale), target)
+    if rope is None:
+        cos = sin = jnp.zeros((0,), jnp.float32)
+    else:
+        b, t, _, d = q.shape
+        if k.shape[1] != t:
+            raise ValueError(f"attention: rope inside the kernel needs self-attention (S = T), got "
+                             f"T={t}, S={k.shape[1]}")
+        cos, sin = (jnp.reshape(x, (b, t, d)).astype(jnp.float32) for x in rope)
+    return _attention(q, k, v, mask.astype(jnp.uint8), cos, sin, float(scale), target)

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxalign.models import attention_cpu
 from jaxalign.models.config import LlamaConfig
 from jaxalign.models.remat import dropout_rng, remat_call
 from jaxalign.models.layers import (
@@ -54,18 +55,23 @@ class Attention(nn.Module):
                            axis_name="head_dim")
             q = RMSNorm(name="q_norm", **norm_kw)(q)
             k = RMSNorm(name="k_norm", **norm_kw)(k)
-        q = apply_rope(q, rope)
-        k = apply_rope(k, rope)
+        scale = c.head_dim ** -0.5
         new_cache = None
-        if layer_cache is not None:
-            k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                 (0, write_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                 (0, write_index, 0, 0))
-            new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-        attend = dot_product_attention if layer_cache is not None else causal_attention
-        out = attend(q, k, v, mask, scale=c.head_dim ** -0.5, dtype=self.dtype)
+        if (layer_cache is None and jnp.dtype(self.dtype) == jnp.float32
+                and attention_cpu.usable(q, k, v)):
+            # the CPU kernel rotates q and k itself (no separate rope passes, forward or backward)
+            out = attention_cpu.attention(q, k, v, mask, scale=scale, rope=rope)
+        else:
+            q = apply_rope(q, rope)
+            k = apply_rope(k, rope)
+            if layer_cache is not None:
+                new_cache = {name: jax.lax.dynamic_update_slice(
+                    layer_cache[name], x.astype(layer_cache[name].dtype), (0, write_index, 0, 0))
+                    for name, x in (("k", k), ("v", v))}
+                k_all, v_all = new_cache["k"], new_cache["v"]
+                k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+            attend = dot_product_attention if layer_cache is not None else causal_attention
+            out = attend(q, k, v, mask, scale=scale, dtype=self.dtype)
         out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
         out = Linear(c.hidden_size, use_bias=c.o_proj_bias, kernel_axes=("heads", "embed"),
                      name="o_proj", **kw)(out, deterministic=deterministic)

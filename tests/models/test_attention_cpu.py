@@ -166,3 +166,26 @@ def test_fallback_without_the_kernel(tmp_path, env, warned):
     assert line.startswith(f"False {warned} False True"), line
     if warned:
         assert "no-such-compiler" in line and "XLA's matmuls" in line
+
+
+def test_rope_inside_the_kernel_equals_rotating_first():
+    """attention(q, k, v, rope=...) == attention(apply_rope(q), apply_rope(k), v), values and the
+    gradients of the unrotated q and k; rope needs self-attention."""
+    from jaxalign.models.layers import apply_rope, rope_tables
+
+    q, k, v, mask, do = _operands(2, 37, 37, 4, 2, 32, seed=11, mask_kind="random")
+    positions = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 37)))
+    rope = rope_tables(positions, 1.0 / (10000.0 ** (np.arange(0, 32, 2) / 32)), jnp.float32)
+
+    def fused(q, k, v):
+        return jnp.sum(attention_cpu.attention(q, k, v, mask, scale=0.2, rope=rope) * do)
+
+    def rotated(q, k, v):
+        return jnp.sum(_reference(apply_rope(q, rope), apply_rope(k, rope), v, mask, 0.2) * do)
+
+    (l1, g1), (l2, g2) = (jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v) for f in (fused, rotated))
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="S = T"):
+        attention_cpu.attention(q[:, :5], k, v, mask[:, :, :5], scale=0.2, rope=rope)
