@@ -12,7 +12,8 @@ continuation of a prefix-shared pair).
 `usable(q, k, v)` says whether the kernel takes a call: fp32 q/k/v, head_dim a multiple of 16, JAX's
 default backend the CPU with one device (a sharded program keeps XLA's attention, which the SPMD
 partitioner can split), and the kernel built (`jaxalign.native`; `JAXALIGN_NATIVE=0` turns it off,
-as does a missing compiler, with one warning).
+as does a missing compiler, with one warning). The kernel has a reverse-mode derivative only
+(`jax.custom_vjp`): forward-mode or second derivatives need `JAXALIGN_NATIVE=0`.
 """
 
 from __future__ import annotations
