@@ -206,8 +206,8 @@ def dot_product_attention(q, k, v, mask, *, scale, dtype, query_blocks=None):
     single-device CPU the fused kernel `jaxalign.models.attention_cpu` computes it (same result;
     it skips every key tile the mask hides from a block of queries). Otherwise XLA's matmuls:
     the G = H/KVH query heads sharing a key head are stacked along the query axis, so both
-    products are plain batched matmuls over (B, KVH) ([G*T, D] x [D, S] and [G*T, S] x [S, D]) rather than
-    contractions of a 5-D layout, which XLA:CPU surrounds with transposes.
+    products are plain batched matmuls over (B, KVH) ([G*T, D] x [D, S] and [G*T, S] x [S, D])
+    rather than contractions of a 5-D layout, which XLA:CPU surrounds with transposes.
 
     query_blocks: optional increasing ends of query blocks (the last = T). Query block
     [ends[i-1], ends[i]) is scored against keys [0, ends[i]) only; the caller guarantees the mask
@@ -224,7 +224,8 @@ def dot_product_attention(q, k, v, mask, *, scale, dtype, query_blocks=None):
     vh = v.astype(dtype).transpose(0, 2, 1, 3)
     ends = tuple(query_blocks) if query_blocks else (t,)
     if ends[-1] != t or any(e1 <= e0 for e0, e1 in zip((0,) + ends, ends)) or ends[-1] > s:
-        raise ValueError(f"query_blocks: expected increasing ends up to T={t} (keys: {s}), got {ends}")
+        raise ValueError(f"query_blocks: expected increasing ends up to T={t} (keys: {s}), "
+                         f"got {ends}")
     parts, start = [], 0
     for end in ends:
         stop = s if len(ends) == 1 else end
@@ -268,7 +269,8 @@ def causal_attention(q, k, v, mask, *, scale, dtype):
     if k.shape[1] != t or tuple(mask.shape[-2:]) != (t, t):
         raise ValueError(f"causal_attention: expected self-attention over the same {t} slots, got "
                          f"{k.shape[1]} keys and mask {tuple(mask.shape)}")
-    return dot_product_attention(q, k, v, mask, scale=scale, dtype=dtype, query_blocks=causal_blocks(t))
+    return dot_product_attention(q, k, v, mask, scale=scale, dtype=dtype,
+                                 query_blocks=causal_blocks(t))
 
 
 def select_positions(x, logits_at):

@@ -68,8 +68,7 @@ class Attention(nn.Module):
                 new_cache = {name: jax.lax.dynamic_update_slice(
                     layer_cache[name], x.astype(layer_cache[name].dtype), (0, write_index, 0, 0))
                     for name, x in (("k", k), ("v", v))}
-                k_all, v_all = new_cache["k"], new_cache["v"]
-                k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+                k, v = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
             attend = dot_product_attention if layer_cache is not None else causal_attention
             out = attend(q, k, v, mask, scale=scale, dtype=self.dtype)
         out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
