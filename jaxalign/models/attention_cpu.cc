@@ -26,6 +26,7 @@
 #include <functional>
 #include <limits>
 #include <utility>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -292,17 +293,29 @@ void Probabilities(float* s, const uint8_t* mask_rows, int rows, const Dims& n,
   }
 }
 
-// body(task, worker) for every task in [0, tasks), on up to `threads` threads (worker < threads).
-void ParallelFor(int64_t tasks, int64_t threads, const std::function<void(int64_t, int64_t)>& body) {
-  const int64_t n = std::max<int64_t>(1, std::min(threads, tasks));
-  std::atomic<int64_t> next{0};
-  auto work = [&](int64_t worker) {
-    for (int64_t i = next.fetch_add(1); i < tasks; i = next.fetch_add(1)) body(i, worker);
+// body(task, worker) for every task in [0, tasks) on up to `threads` workers (worker < threads):
+// the calling thread and threads-1 helpers scheduled on XLA's own intra-op thread pool (threads of
+// our own would compete with XLA's for the cores). One worker when the call has fewer than
+// kMinWork multiply-adds. Returns when every task is done; a helper that starts later finds no
+// task left and touches only the shared counters.
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, int64_t threads, int64_t multiply_adds,
+                 const std::function<void(int64_t, int64_t)>& body) {
+  constexpr int64_t kMinWork = int64_t{1} << 21;
+  const int64_t n = multiply_adds < kMinWork ? 1 : std::max<int64_t>(1, std::min(threads, tasks));
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
   };
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < n; ++i) pool.emplace_back(work, i);
+  auto counters = std::make_shared<Counters>();
+  const auto* fn = &body;
+  auto work = [counters, tasks, fn](int64_t worker) {
+    for (int64_t i = counters->next.fetch_add(1); i < tasks; i = counters->next.fetch_add(1)) {
+      (*fn)(i, worker);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t w = 1; w < n; ++w) pool.Schedule([work, w]() { work(w); });
   work(0);
-  for (auto& th : pool) th.join();
+  while (counters->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
 }
 
 // Rows x[j * stride + k] (j < s) transposed into out[k][j] ([d][sp], zero beyond s); 16 keys at a
@@ -391,7 +404,7 @@ ffi::Error CheckRope(const ffi::Buffer<ffi::F32>& cos, const ffi::Buffer<ffi::F3
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
                    int64_t threads) {
@@ -410,7 +423,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
     std::vector<uint8_t> active;
   };
   std::vector<Scratch> scratch(std::max<int64_t>(1, threads));
-  ParallelFor(n.b * n.kvh, threads, [&](int64_t task, int64_t worker) {
+  ParallelFor(pool, n.b * n.kvh, threads, n.b * n.h * n.t * n.s * n.d, [&](int64_t task, int64_t worker) {
     const int64_t b = task / n.kvh, kv = task % n.kvh;
     Scratch& w = scratch[worker];
     if (w.kt.empty()) {
@@ -447,7 +460,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::F32> cos,
                     ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> out,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
@@ -474,7 +487,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
     std::vector<uint8_t> active;
   };
   std::vector<Scratch> scratch(std::max<int64_t>(1, threads));
-  ParallelFor(n.b * n.kvh, threads, [&](int64_t task, int64_t worker) {
+  ParallelFor(pool, n.b * n.kvh, threads, n.b * n.h * n.t * n.s * n.d, [&](int64_t task, int64_t worker) {
     const int64_t b = task / n.kvh, kv = task % n.kvh;
     Scratch& w = scratch[worker];
     if (w.kt.empty()) {
@@ -554,6 +567,7 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffe
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxalignAttentionForward, Forward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -567,6 +581,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxalignAttentionForward, Forward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxalignAttentionBackward, Backward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

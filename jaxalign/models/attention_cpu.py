@@ -4,7 +4,8 @@ called through `jax.ffi` by `jaxalign.models.layers.dot_product_attention` on th
 Why: at the shapes of small-model training on a CPU, XLA computes attention as batched matmuls
 that barely use a second core, surrounded by head-major transposes of q, k, v and the output, and
 materialises the [B, H, T, S] probabilities for the backward pass. The kernel reads q/k/v in the
-models' [B, T, heads, D] layout, runs one task per (batch row, kv head) on every core, recomputes
+models' [B, T, heads, D] layout, runs one task per (batch row, kv head) on every core (workers
+from XLA's own intra-op thread pool, which threads of its own would compete with), recomputes
 the probabilities in the backward pass from the saved log-sum-exp, and skips every key tile the
 mask hides from a whole block of queries (the causal upper triangle, padding, and the other
 continuation of a prefix-shared pair).

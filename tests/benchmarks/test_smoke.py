@@ -216,3 +216,10 @@ def test_dpo_step_flops_by_hand():
     attn_packed = 4.0 * 1 * 2 * 9 * 2
     fwd_packed = 2 * (n - 40) * 4 + 2 * 40 * 6 + attn_packed  # body at 4 positions, LM head at 6
     assert common.dpo_step_flops(s, reference_forward=False, packed_len=4) == 3 * fwd_packed
+
+
+def test_attention_cpu_smoke(tmp_path):
+    n = _run("attention_cpu", tmp_path)
+    assert all(v["forward"] > 0 and v["forward_backward"] > 0 for v in n["median_ms"].values())
+    # the kernel's outputs and gradients equal XLA's attention
+    assert n["max_abs_diff"] and max(n["max_abs_diff"].values()) < 1e-4
