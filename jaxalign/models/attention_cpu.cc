@@ -208,10 +208,9 @@ void Accumulate(const float* p, const float* x, float* acc, const Dims& n, const
   }
 }
 
-// Which key tiles any of the block's rows may see; returns how many.
-int64_t ActiveTiles(const uint8_t* mask_rows, int rows, const Dims& n, uint8_t* active) {
+// Which key tiles any of the block's rows may see.
+void ActiveTiles(const uint8_t* mask_rows, int rows, const Dims& n, uint8_t* active) {
   const int64_t tiles = n.sp / W;
-  int64_t count = 0;
   for (int64_t t0 = 0; t0 < tiles; ++t0) {
     const int64_t j0 = t0 * W, j1 = std::min<int64_t>(j0 + W, n.s);
     bool any = false;
@@ -226,9 +225,7 @@ int64_t ActiveTiles(const uint8_t* mask_rows, int rows, const Dims& n, uint8_t* 
       }
     }
     active[t0] = any;
-    count += any;
   }
-  return count;
 }
 
 // The block's probabilities in place of its scaled scores: p = exp(s - lse) where the mask allows
@@ -392,15 +389,19 @@ ffi::Error CheckDims(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>
   return ffi::Error::Success();
 }
 
-ffi::Error CheckRope(const ffi::Buffer<ffi::F32>& cos, const ffi::Buffer<ffi::F32>& sin,
-                     const Dims& n, Rope* rope) {
-  rope->d = n.d;
+// The dimensions of q/k/v/mask and, when cos/sin are not empty, the rope tables (module doc).
+ffi::Error CheckInputs(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                       const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::U8>& mask,
+                       const ffi::Buffer<ffi::F32>& cos, const ffi::Buffer<ffi::F32>& sin, Dims* n,
+                       Rope* rope) {
+  if (auto e = CheckDims(q, k, v, mask, n); e.failure()) return e;
+  rope->d = n->d;
   if (cos.element_count() == 0 && sin.element_count() == 0) return ffi::Error::Success();
   auto cd = cos.dimensions(), sd = sin.dimensions();
-  if (cd.size() != 3 || sd.size() != 3 || cd[0] != n.b || cd[1] != n.s || cd[2] != n.d ||
-      sd[0] != cd[0] || sd[1] != cd[1] || sd[2] != cd[2] || n.s != n.t || n.d % 2 != 0)
+  if (cd.size() != 3 || sd.size() != 3 || cd[0] != n->b || cd[1] != n->s || cd[2] != n->d ||
+      sd[0] != cd[0] || sd[1] != cd[1] || sd[2] != cd[2] || n->s != n->t || n->d % 2 != 0)
     return ffi::Error::InvalidArgument("attention: rope tables must be [B, T, D] with S = T");
-  rope->cos = cos.typed_data(), rope->sin = sin.typed_data(), rope->s = n.s, rope->d = n.d;
+  rope->cos = cos.typed_data(), rope->sin = sin.typed_data(), rope->s = n->s;
   return ffi::Error::Success();
 }
 
@@ -409,9 +410,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale,
                    int64_t threads) {
   Dims n;
-  if (auto e = CheckDims(q, k, v, mask, &n); e.failure()) return e;
   Rope rope;
-  if (auto e = CheckRope(cos, sin, n, &rope); e.failure()) return e;
+  if (auto e = CheckInputs(q, k, v, mask, cos, sin, &n, &rope); e.failure()) return e;
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
@@ -467,9 +467,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t threads) {
   Dims n;
-  if (auto e = CheckDims(q, k, v, mask, &n); e.failure()) return e;
   Rope rope;
-  if (auto e = CheckRope(cos, sin, n, &rope); e.failure()) return e;
+  if (auto e = CheckInputs(q, k, v, mask, cos, sin, &n, &rope); e.failure()) return e;
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();

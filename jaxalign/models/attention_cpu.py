@@ -10,9 +10,9 @@ the probabilities in the backward pass from the saved log-sum-exp, and skips eve
 mask hides from a whole block of queries (the causal upper triangle, padding, and the other
 continuation of a prefix-shared pair).
 
-`usable(q, k, v)` says whether the kernel takes a call: fp32 q/k/v, head_dim a multiple of 16, JAX's
-default backend the CPU with one device (a sharded program keeps XLA's attention, which the SPMD
-partitioner can split), and the kernel built (`jaxalign.native`; `JAXALIGN_NATIVE=0` turns it off,
+`usable(q, k, v, dtype)` says whether the kernel takes a call: fp32 q/k/v and compute dtype,
+head_dim a multiple of 16, JAX's default backend the CPU with one device (a sharded program keeps
+XLA's attention, which the SPMD partitioner can split), and the kernel built (`jaxalign.native`; `JAXALIGN_NATIVE=0` turns it off,
 as does a missing compiler, with one warning). The kernel has a reverse-mode derivative only
 (`jax.custom_vjp`): forward-mode or second derivatives need `JAXALIGN_NATIVE=0`.
 """
@@ -55,9 +55,9 @@ def available() -> bool:
                        fallback="attention uses XLA's matmuls")
 
 
-def usable(q, k, v) -> bool:
-    """Whether `attention` can take these operands here (module doc)."""
-    return (all(jnp.dtype(x.dtype) == jnp.float32 for x in (q, k, v))
+def usable(q, k, v, dtype=jnp.float32) -> bool:
+    """Whether `attention` can take these operands, computing in `dtype`, here (module doc)."""
+    return (all(jnp.dtype(x) == jnp.float32 for x in (q.dtype, k.dtype, v.dtype, dtype))
             and q.shape[-1] % 16 == 0 and q.shape[2] % k.shape[2] == 0
             and jax.default_backend() == "cpu" and jax.device_count() == 1 and available())
 

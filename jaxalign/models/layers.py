@@ -214,7 +214,7 @@ def dot_product_attention(q, k, v, mask, *, scale, dtype, query_blocks=None):
     is False beyond (causal self-attention: `causal_attention`). The head-major transposes are
     done once, outside the blocks.
     """
-    if jnp.dtype(dtype) == jnp.float32 and attention_cpu.usable(q, k, v):
+    if attention_cpu.usable(q, k, v, dtype):
         return attention_cpu.attention(q, k, v, mask, scale=scale)
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]

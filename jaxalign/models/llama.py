@@ -57,8 +57,7 @@ class Attention(nn.Module):
             k = RMSNorm(name="k_norm", **norm_kw)(k)
         scale = c.head_dim ** -0.5
         new_cache = None
-        if (layer_cache is None and jnp.dtype(self.dtype) == jnp.float32
-                and attention_cpu.usable(q, k, v)):
+        if layer_cache is None and attention_cpu.usable(q, k, v, self.dtype):
             # the CPU kernel rotates q and k itself (no separate rope passes, forward or backward)
             out = attention_cpu.attention(q, k, v, mask, scale=scale, rope=rope)
         else:

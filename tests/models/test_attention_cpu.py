@@ -55,6 +55,7 @@ def test_kernel_is_built_and_used_here():
     q = jnp.zeros((1, 4, 2, 16))
     assert attention_cpu.usable(q, q, q)
     assert not attention_cpu.usable(q.astype(jnp.bfloat16), q, q)  # bf16: XLA's attention
+    assert not attention_cpu.usable(q, q, q, jnp.bfloat16)  # bf16 compute: XLA's attention
     assert not attention_cpu.usable(jnp.zeros((1, 4, 2, 24)), jnp.zeros((1, 4, 2, 24)),
                                     jnp.zeros((1, 4, 2, 24)))  # head size not a multiple of 16
     lowered = jax.jit(lambda q: dot_product_attention(
