@@ -265,11 +265,18 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def alternate(fns: dict[str, Callable[[], object]], *, steps: int, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], object]], *, steps: int, warmup: int = 1,
+              block: int = 1) -> dict[str, list[float]]:
     """Times each callable `steps` times after `warmup` untimed calls, interleaving them round by
     round (the order rotates each round) so that load changes hit every contestant alike.
 
+    `block` > 1: each turn is `block` consecutive timed calls of one contestant (steps * block
+    calls each), so that most calls find the caches and threads as the contestant's own previous
+    call left them, not as a competitor's did.
+
     Each callable must block until its work is done. Returns name -> list of seconds."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -278,9 +285,10 @@ def alternate(fns: dict[str, Callable[[], object]], *, steps: int, warmup: int =
     for r in range(steps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append(time.perf_counter() - t0)
     return times
 
 
@@ -419,6 +427,13 @@ def run_worker(module_file: str, worker_args: Sequence[str], *, devices: int | N
         raise RuntimeError(f"worker {module_file} {list(worker_args)} (XLA_FLAGS={env['XLA_FLAGS']!r}) "
                            f"failed with rc={proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def worker_argv(argv: Sequence[str] | None) -> list[str] | None:
+    """The arguments of a worker started by `run_worker` (without `--worker`), or None when
+    `argv` (default sys.argv[1:]) is not a worker's command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return [x for x in argv if x != "--worker"] if "--worker" in argv else None
 
 
 def emit(obj: dict) -> None:

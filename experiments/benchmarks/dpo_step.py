@@ -374,9 +374,8 @@ def peak_line(peak, n):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    if "--worker" in argv_list:  # a subprocess started by run_worker
-        return worker([x for x in argv_list if x != "--worker"])
+    if (wargv := C.worker_argv(argv)) is not None:  # a subprocess started by run_worker
+        return worker(wargv)
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=0, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=2)
@@ -391,7 +390,7 @@ def main(argv=None):
                         "all-positions or vocab-chunk rows (the default on a GPU)")
     args = p.parse_args(argv)
     if args.rounds > 1:
-        return rounds_main(args, argv_list)
+        return rounds_main(args, list(sys.argv[1:] if argv is None else argv))
     malloc_line = C.host_memory_setting(args)
     prec = set_precision(C.precision(args))
     _, s = C.shapes_of(args)

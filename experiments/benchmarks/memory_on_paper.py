@@ -386,9 +386,8 @@ def extrapolate(m2: dict, m3: dict, layers: int) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    if "--worker" in argv_list:  # a subprocess started by run_worker
-        return worker([x for x in argv_list if x != "--worker"])
+    if (wargv := C.worker_argv(argv)) is not None:  # a subprocess started by run_worker
+        return worker(wargv)
     import json
 
     p = C.parser(__doc__.splitlines()[0])

@@ -108,9 +108,8 @@ def worker(argv):
 
 
 def main(argv=None):
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    if "--worker" in argv_list:  # a subprocess started by run_worker
-        return worker([x for x in argv_list if x != "--worker"])
+    if (wargv := C.worker_argv(argv)) is not None:  # a subprocess started by run_worker
+        return worker(wargv)
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--devices", default="", help="comma-separated device counts (default 1,2,4,8)")

@@ -158,6 +158,20 @@ def test_nf4_ops_smoke(tmp_path):
     assert n["dequantize_max_abs_diff"] == 0.0
     assert n["matmul_max_abs_diff"] < 1e-4
     _positive_times(n["matmul_s"])
+    _positive_times(n["dequantize_blocks_s"])
+    assert n["dequantize_block"] == 2
+
+
+def test_alternate_turns():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = common.alternate(fns, steps=3, warmup=1, block=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6, "c": 6}
+    assert all(t >= 0 for v in times.values() for t in v)
+    # one warm-up round, then turns of 2 calls; the order rotates each round
+    assert "".join(calls) == "abc" + "aabbcc" + "bbccaa" + "ccaabb"
+    with pytest.raises(ValueError, match="block"):
+        common.alternate(fns, steps=1, block=0)
 
 
 @pytest.mark.slow
@@ -223,3 +237,13 @@ def test_attention_cpu_smoke(tmp_path):
     assert all(v["forward"] > 0 and v["forward_backward"] > 0 for v in n["median_ms"].values())
     # the kernel's outputs and gradients equal XLA's attention
     assert n["max_abs_diff"] and max(n["max_abs_diff"].values()) < 1e-4
+
+
+@pytest.mark.slow
+def test_nf4_dequant_processes_smoke(tmp_path):
+    n = _run("nf4_dequant_processes", tmp_path)
+    (run,) = n["runs"]  # one fresh process in --smoke
+    for protocol in ("alternating", "alone"):
+        _positive_times(run[protocol])
+        assert set(run[protocol]) == {"jaxalign", "bitsandbytes"}
+    assert set(n["jaxalign_faster"]) == {"alternating", "alone"}
