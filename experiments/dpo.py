@@ -38,9 +38,11 @@ def get_config(arg=None):
     elif variant == "precomputed":
         c.reference.mode = "precomputed"
     elif variant == "demo":
-        # Starts from the SFT stage's export (--config.init_from). Pairs differ in one digit, where
-        # plain DPO lowers the chosen likelihood too (likelihood displacement) and held-out
-        # accuracy falls; the chosen-NLL term of RPO/IRPO (TRL's rpo_alpha) prevents that.
+        # Starts from the SFT stage's export (--config.init_from), whose samples repeat the
+        # demonstrators' mistakes; DPO moves probability from wrong answers to right ones. Pairs
+        # differ in one digit, where plain DPO lowers the chosen likelihood too (likelihood
+        # displacement) and held-out accuracy falls; the chosen-NLL term of RPO/IRPO (TRL's
+        # rpo_alpha) prevents that.
         c.data.num_examples = 2048
         c.train.steps = 400
         c.train.batch_size = 32
@@ -49,6 +51,7 @@ def get_config(arg=None):
         c.train.eval_every = 0
         c.train.checkpoint_every = 200
         c.eval.task_accuracy = True
+        c.eval.sampled_temperature = 1.0
     elif variant != "tiny":
         raise ValueError(f"unknown dpo variant {variant!r}: tiny, lora, qlora, precomputed, demo")
     return c

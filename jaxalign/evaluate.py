@@ -1,9 +1,10 @@
-"""Task evaluation by generation: greedy completions of held-out prompts scored by a reward
-function (exact-match accuracy on the synthetic arithmetic task by default)."""
+"""Task evaluation by generation: completions of held-out prompts (greedy, or sampled at a
+temperature) scored by a reward function (exact-match accuracy on the synthetic arithmetic task by
+default). `heldout_evaluator` is what the training runs call before and after training."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -49,14 +50,58 @@ def generate_for_prompts(model, variables, tokenizer, prompt_examples: Sequence[
 
 def task_accuracy(model, variables, tokenizer, prompt_dataset, *, batch_size: int = 64,
                   max_new_tokens: int = 8,
-                  reward_fn: Callable = jdata.exact_match_reward) -> dict:
-    """Greedy accuracy on a prompt dataset with an `answer` column. Returns a dict with
-    'accuracy', 'n' and a few example completions."""
+                  reward_fn: Callable = jdata.exact_match_reward,
+                  temperature: float | None = None, seed: int = 0) -> dict:
+    """Accuracy on a prompt dataset with an `answer` column: the mean reward of one completion per
+    prompt, greedy when `temperature` is None, else sampled at `temperature` (> 0) with the PRNG
+    key `seed` (the policy as it behaves when sampled, e.g. by an RL or online-DPO loop). Returns a
+    dict with 'accuracy', 'n' and a few example completions."""
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"`temperature` must be > 0 (None for greedy decoding), got {temperature!r}")
     tok = jdata.tokenize_dataset(prompt_dataset, tokenizer, kind="prompt")
     examples = tok.examples
     texts = generate_for_prompts(model, variables, tokenizer, examples, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens)
+                                 max_new_tokens=max_new_tokens, greedy=temperature is None,
+                                 temperature=1.0 if temperature is None else temperature,
+                                 rng=jax.random.PRNGKey(seed))
     answers = [e["metadata"]["answer"] for e in examples]
     rewards = reward_fn(texts, answers, eos=tokenizer.eos_token)
     return {"accuracy": float(np.mean(rewards)), "n": len(texts),
             "examples": list(zip(texts[:4], answers[:4]))}
+
+
+def heldout_evaluator(model, tokenizer, *, num_prompts: int, seed: int, max_new_tokens: int = 6,
+                      sampled_temperature: float = 0.0, batch_size: int = 64,
+                      **problems: Any) -> Callable[[dict], dict]:
+    """A function variables -> {'accuracy', 'n', 'examples'} on `num_prompts` held-out synthetic
+    arithmetic prompts (the test split, drawn once with `seed`; `problems`: `digits`, `operators`
+    as for `jaxalign.data.make_prompt_dataset`): greedy exact match, plus
+    'sampled_accuracy' (one completion per prompt sampled at `sampled_temperature`, PRNG key
+    `seed`) when `sampled_temperature` > 0."""
+    if sampled_temperature < 0:
+        raise ValueError(f"`sampled_temperature` must be >= 0 (0: greedy only), got {sampled_temperature!r}")
+    ds = jdata.make_prompt_dataset(num_prompts, seed=seed, split="test", **problems)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+    def evaluate(variables) -> dict:
+        out = task_accuracy(model, variables, tokenizer, ds, **kw)
+        if sampled_temperature > 0:
+            out["sampled_accuracy"] = task_accuracy(model, variables, tokenizer, ds, **kw,
+                                                    temperature=sampled_temperature, seed=seed)["accuracy"]
+            out["sampled_temperature"] = sampled_temperature
+        return out
+
+    return evaluate
+
+
+def accuracy_summary(result: dict) -> dict:
+    """The numbers of a `heldout_evaluator` result (no example texts), for task_accuracy.json."""
+    return {k: v for k, v in result.items() if k in ("accuracy", "n", "sampled_accuracy", "sampled_temperature")}
+
+
+def accuracy_line(result: dict) -> str:
+    """'0.875' or '0.875 greedy, 0.690 sampled at T=1'."""
+    line = f"{result['accuracy']:.3f}"
+    if "sampled_accuracy" in result:
+        line += f" greedy, {result['sampled_accuracy']:.3f} sampled at T={result['sampled_temperature']:g}"
+    return line

@@ -18,8 +18,11 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Held-out exact-match accuracy" in out.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["accuracy"]) == {"random init", "after SFT", "after SFT+DPO"}
-    assert all(0.0 <= v <= 1.0 for v in summary["accuracy"].values())
+    for key in ("accuracy", "sampled_accuracy"):  # greedy, and sampled at temperature 1
+        assert set(summary[key]) == {"random init", "after SFT", "after SFT+DPO"}
+        assert all(0.0 <= v <= 1.0 for v in summary[key].values())
+    assert summary["sampled_temperature"] == 1.0
+    assert "sampled T=1" in out.stdout
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     for stage in ("sft", "dpo"):

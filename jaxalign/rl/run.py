@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxalign import sharding as jshard
 from jaxalign.data import IteratorState
+from jaxalign.evaluate import accuracy_line, accuracy_summary, heldout_evaluator
 from jaxalign.losses import REGISTRY
 from jaxalign.models import abstract_params
 from jaxalign.rl import trainers
@@ -209,20 +210,14 @@ def run(config) -> dict[str, Any]:
 
         return policy_variables(st["trainable"], frozen)
 
-    def task_eval(variables):
-        from jaxalign.data import make_prompt_dataset
-        from jaxalign.evaluate import task_accuracy
-
-        ds = make_prompt_dataset(config.eval.num_prompts, seed=config.seed + 99, split="test",
-                                 **{k: v for k, v in dict(config.data.synthetic).items()
-                                    if k in ("digits", "operators")})
-        return task_accuracy(model, variables, tokenizer, ds, batch_size=64,
-                             max_new_tokens=config.eval.max_new_tokens)
+    task_eval = None
+    if config.eval.task_accuracy:
+        task_eval = heldout_evaluator(model, tokenizer, **setup.task_eval_args(config))
 
     task: dict = {}
     if config.eval.task_accuracy:
         task["before"] = task_eval(current_variables(state))
-        print(f"[task] held-out accuracy before: {task['before']['accuracy']:.3f} "
+        print(f"[task] held-out accuracy before: {accuracy_line(task['before'])} "
               f"(n={task['before']['n']})")
         if start_round == 0:
             logger.log(0, {"task_accuracy": task["before"]["accuracy"]}, split="eval")
@@ -247,10 +242,10 @@ def run(config) -> dict[str, Any]:
     if config.eval.task_accuracy:
         task["after"] = task_eval(variables)
         logger.log(int(state["step"]), {"task_accuracy": task["after"]["accuracy"]}, split="eval")
-        print(f"[task] held-out accuracy after: {task['after']['accuracy']:.3f}; examples: "
+        print(f"[task] held-out accuracy after: {accuracy_line(task['after'])}; examples: "
               f"{task['after']['examples']}")
         with open(os.path.join(out_dir, "task_accuracy.json"), "w") as f:
-            json.dump({k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in task.items()}, f)
+            json.dump({k: accuracy_summary(v) for k, v in task.items()}, f)
     logger.close()
 
     export = export_run(out_dir, model=model, variables=variables, tokenizer=tokenizer,

@@ -52,7 +52,10 @@ def base_config() -> mlc.ConfigDict:
         rpo_alpha=0.0))  # preference runs: + rpo_alpha * chosen NLL (TRL's rpo_alpha)
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.export = mlc.ConfigDict(dict(hf_dir=True, peft=True))
-    c.eval = mlc.ConfigDict(dict(task_accuracy=False, num_prompts=200, max_new_tokens=6))
+    # task_accuracy: held-out exact match before and after training (greedy); sampled_temperature > 0
+    # also scores one completion per prompt sampled at that temperature (jaxalign.evaluate)
+    c.eval = mlc.ConfigDict(dict(task_accuracy=False, num_prompts=200, max_new_tokens=6,
+                                 sampled_temperature=0.0))
     # Alignment tax (jaxalign/analysis/tax.py): held-out capability (and aligned-task) sets scored
     # before and after training; capability_source '' turns it off.
     c.tax = mlc.ConfigDict(dict(

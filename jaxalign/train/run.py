@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxalign import sharding as jshard
 from jaxalign.data import IteratorState, iterate_batches
+from jaxalign.evaluate import accuracy_line, accuracy_summary, heldout_evaluator
 from jaxalign.losses import REGISTRY
 from jaxalign.models import abstract_params
 from jaxalign.train import setup
@@ -245,15 +246,9 @@ def run(config) -> dict[str, Any]:
         logger.log(step, metrics, split="eval")
         return metrics
 
-    def task_eval(variables):
-        from jaxalign.data import make_prompt_dataset
-        from jaxalign.evaluate import task_accuracy
-
-        ds = make_prompt_dataset(config.eval.num_prompts, seed=config.seed + 99, split="test",
-                                 **{k: v for k, v in dict(config.data.synthetic).items()
-                                    if k in ("digits", "operators")})
-        return task_accuracy(model, variables, tokenizer, ds, batch_size=64,
-                             max_new_tokens=config.eval.max_new_tokens)
+    task_eval = None
+    if config.eval.task_accuracy:
+        task_eval = heldout_evaluator(model, tokenizer, **setup.task_eval_args(config))
 
     def current_variables(st):
         v = {"params": frozen["params"] if lora else st["trainable"]["params"]}
@@ -276,7 +271,7 @@ def run(config) -> dict[str, Any]:
     task = {}
     if config.eval.task_accuracy:
         task["before"] = task_eval(current_variables(state))
-        print(f"[task] held-out accuracy before training: {task['before']['accuracy']:.3f} "
+        print(f"[task] held-out accuracy before training: {accuracy_line(task['before'])} "
               f"(n={task['before']['n']})")
 
     history = []
@@ -321,10 +316,10 @@ def run(config) -> dict[str, Any]:
     variables = current_variables(state)
     if config.eval.task_accuracy:
         task["after"] = task_eval(variables)
-        print(f"[task] held-out accuracy after training: {task['after']['accuracy']:.3f}; "
+        print(f"[task] held-out accuracy after training: {accuracy_line(task['after'])}; "
               f"examples: {task['after']['examples']}")
         with open(os.path.join(out_dir, "task_accuracy.json"), "w") as f:
-            json.dump({k: {"accuracy": v["accuracy"], "n": v["n"]} for k, v in task.items()}, f)
+            json.dump({k: accuracy_summary(v) for k, v in task.items()}, f)
     tax = {}
     if tax_eval is not None:
         from jaxalign.analysis.tax import alignment_tax

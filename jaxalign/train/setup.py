@@ -197,3 +197,13 @@ def optimizer_and_schedule(optim_cfg, *, total_steps: int):
                                weight_decay=optim_cfg.weight_decay, b1=optim_cfg.b1, b2=optim_cfg.b2,
                                clip_norm=optim_cfg.clip_norm or None)
     return optimizer, schedule
+
+
+def task_eval_args(config) -> dict:
+    """Keywords of `jaxalign.evaluate.heldout_evaluator` from an experiment config: `eval.num_prompts`
+    test prompts of the run's synthetic task (digits, operators) drawn with seed + 99,
+    `eval.max_new_tokens`, and `eval.sampled_temperature` (0: greedy accuracy only)."""
+    problems = {k: v for k, v in dict(config.data.synthetic).items() if k in ("digits", "operators")}
+    return dict(num_prompts=config.eval.num_prompts, seed=config.seed + 99,
+                max_new_tokens=config.eval.max_new_tokens,
+                sampled_temperature=float(config.eval.get("sampled_temperature", 0.0)), **problems)
