@@ -127,8 +127,9 @@ def main(argv=None):
     t_deq = C.alternate({"jaxalign": jdq, "bitsandbytes": bdq, "jaxalign into": jdq_into},
                         steps=5 * steps, warmup=1)
     # The same two, each turn `block` consecutive calls: a dequantization is memory-bound and its
-    # 64 MB output is twice the L3 here, so call-by-call alternation mostly measures what the
-    # competitor's call left behind (dirty cache lines, spinning OpenMP workers).
+    # 64 MB output is twice the L3 here, so call-by-call alternation partly measures what the
+    # competitor's call left behind: bitsandbytes' ordinary stores leave dirty lines in the L3
+    # whose write-back the next call pays (nf4_dequant_processes.py measures it).
     block = 2 if args.smoke else 10
     t_deq_blocks = C.alternate({"jaxalign": jdq, "bitsandbytes": bdq}, steps=steps // 2 or 1,
                                warmup=1, block=block)
