@@ -21,14 +21,22 @@ def decode_completions(tokenizer, tokens, mask) -> list[str]:
     return out
 
 
+def prompt_sampler(model, tokenizer, *, max_new_tokens: int, temperature: float | None = None):
+    """`make_sampler` for `tokenizer`'s EOS and pad ids: greedy when `temperature` is None, else
+    sampling at `temperature`."""
+    return make_sampler(model, max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_token_id,
+                        pad_id=tokenizer.pad_token_id, greedy=temperature is None,
+                        temperature=1.0 if temperature is None else temperature)
+
+
 def generate_for_prompts(model, variables, tokenizer, prompt_examples: Sequence[dict], *,
                          batch_size: int, max_new_tokens: int, rng=None, greedy=True,
                          temperature=1.0, sampler=None):
     """Completions (text) for tokenized prompt examples, in order. Last partial batch is padded
     with copies and trimmed, so every call has one shape (one compile)."""
     collate = jdata.make_collate_fn("prompt", pad_id=tokenizer.pad_token_id)
-    sampler = sampler or make_sampler(model, max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_token_id,
-                                      pad_id=tokenizer.pad_token_id, greedy=greedy, temperature=temperature)
+    sampler = sampler or prompt_sampler(model, tokenizer, max_new_tokens=max_new_tokens,
+                                        temperature=None if greedy else temperature)
     rng = rng if rng is not None else jax.random.PRNGKey(0)
     texts: list[str] = []
     maxlen = max(len(e["prompt_ids"]) for e in prompt_examples)
@@ -58,12 +66,19 @@ def task_accuracy(model, variables, tokenizer, prompt_dataset, *, batch_size: in
     dict with 'accuracy', 'n' and a few example completions."""
     if temperature is not None and not temperature > 0:
         raise ValueError(f"`temperature` must be > 0 (None for greedy decoding), got {temperature!r}")
-    tok = jdata.tokenize_dataset(prompt_dataset, tokenizer, kind="prompt")
-    examples = tok.examples
+    examples = jdata.tokenize_dataset(prompt_dataset, tokenizer, kind="prompt").examples
+    return _scored(model, variables, tokenizer, examples, batch_size=batch_size,
+                   max_new_tokens=max_new_tokens, reward_fn=reward_fn, temperature=temperature,
+                   seed=seed)
+
+
+def _scored(model, variables, tokenizer, examples, *, batch_size, max_new_tokens, reward_fn,
+            temperature, seed, sampler=None) -> dict:
+    """`task_accuracy` on tokenized prompt examples (`sampler`: one made for this temperature)."""
     texts = generate_for_prompts(model, variables, tokenizer, examples, batch_size=batch_size,
                                  max_new_tokens=max_new_tokens, greedy=temperature is None,
                                  temperature=1.0 if temperature is None else temperature,
-                                 rng=jax.random.PRNGKey(seed))
+                                 rng=jax.random.PRNGKey(seed), sampler=sampler)
     answers = [e["metadata"]["answer"] for e in examples]
     rewards = reward_fn(texts, answers, eos=tokenizer.eos_token)
     return {"accuracy": float(np.mean(rewards)), "n": len(texts),
@@ -81,13 +96,21 @@ def heldout_evaluator(model, tokenizer, *, num_prompts: int, seed: int, max_new_
     if sampled_temperature < 0:
         raise ValueError(f"`sampled_temperature` must be >= 0 (0: greedy only), got {sampled_temperature!r}")
     ds = jdata.make_prompt_dataset(num_prompts, seed=seed, split="test", **problems)
-    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    # tokenized once, and one jitted sampler per decoding, for every evaluation of the run
+    examples = jdata.tokenize_dataset(ds, tokenizer, kind="prompt").examples
+    temps = [None] + ([sampled_temperature] if sampled_temperature > 0 else [])
+    samplers = {t: prompt_sampler(model, tokenizer, max_new_tokens=max_new_tokens, temperature=t)
+                for t in temps}
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, reward_fn=jdata.exact_match_reward,
+              seed=seed)
 
     def evaluate(variables) -> dict:
-        out = task_accuracy(model, variables, tokenizer, ds, **kw)
+        out = _scored(model, variables, tokenizer, examples, **kw, temperature=None,
+                      sampler=samplers[None])
         if sampled_temperature > 0:
-            out["sampled_accuracy"] = task_accuracy(model, variables, tokenizer, ds, **kw,
-                                                    temperature=sampled_temperature, seed=seed)["accuracy"]
+            out["sampled_accuracy"] = _scored(model, variables, tokenizer, examples, **kw,
+                                              temperature=sampled_temperature,
+                                              sampler=samplers[sampled_temperature])["accuracy"]
             out["sampled_temperature"] = sampled_temperature
         return out
 

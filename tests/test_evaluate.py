@@ -63,8 +63,12 @@ def test_heldout_evaluator_greedy_and_sampled(tiny):
     kw = dict(num_prompts=8, seed=3, max_new_tokens=4, batch_size=8, digits=2, operators="+")
     greedy_only = heldout_evaluator(model, tok, **kw)(variables)
     assert "sampled_accuracy" not in greedy_only
-    both = heldout_evaluator(model, tok, **kw, sampled_temperature=1.0)(variables)
+    evaluate = heldout_evaluator(model, tok, **kw, sampled_temperature=1.0)
+    both = evaluate(variables)
     assert both["accuracy"] == greedy_only["accuracy"]
+    again = evaluate(variables)  # the same prompts, samplers and sampling key on every call
+    assert (again["accuracy"], again["sampled_accuracy"], again["examples"]) == (
+        both["accuracy"], both["sampled_accuracy"], both["examples"])
     prompts = jdata.make_prompt_dataset(8, seed=3, split="test", digits=2, operators="+")
     direct = task_accuracy(model, variables, tok, prompts, batch_size=8, max_new_tokens=4,
                            temperature=1.0, seed=3)
