@@ -116,6 +116,11 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        # orbax deletes unfinalised step directories in a background thread and waits for it only
+        # before its next save; wait now, so that opening the directory has cleaned it (module doc)
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def save(self, step: int, *, state_tree: Any, meta: dict, force: bool = False) -> bool:
         """Saves a checkpoint if `step % save_every == 0` (or `force`); returns whether it saved.
