@@ -16,6 +16,7 @@
 # Environment knobs (for rehearsing on a CPU machine; the GPU run needs none of them):
 #   PY=python3  WHEELS=.whl  SITE=/tmp/site  GPU_RUN_BUDGET=390  GPU_RUN_SMOKE=1 (--smoke shapes)
 #   GPU_RUN_SKIP_INSTALL=1 (packages already importable)  GPU_RUN_LORA_MEDIUM=auto|0|1
+#   GPU_RUN_DUMP=1 (XLA's dump of the memory part's compiled steps into $OUT/xla_dump.tgz)
 set -u -o pipefail
 
 : "${OUT:?set OUT to the folder the results go to}"
@@ -35,12 +36,12 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # JAX and torch share the GPU in one process
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export HF_HOME=${HF_HOME:-/tmp/hf_home} MPLBACKEND=Agg
-# Compile time on the H200 (2026-11-26, RESULTS.md "GPU runs"): with XLA's default flags each
-# jaxalign step took 78-86 s to compile (tiny and medium shapes alike) and the step parts ran out
-# of time; with --xla_gpu_autotune_level=0 they compiled in 5-12 s, but JAX's bf16 GEMM then ran at
-# 10.6 TFLOP/s (1% of the datasheet peak), which voids jaxalign's GPU step times at medium shapes.
-# The default below (cuBLAS GEMMs, whose autotuning is short, instead of Triton's) is the next
-# thing to try; it has NOT been run yet. GPU_XLA_FLAGS overrides it ('' for XLA's defaults).
+# XLA flags on the H200 (2026-11-26, RESULTS.md's GPU sections): with XLA's default flags each
+# jaxalign step took 78-86 s to compile in run 1 (Triton GEMM autotuning) and the step parts ran
+# out of time; --xla_gpu_autotune_level=0 (run 2) compiled in 5-12 s but left JAX's bf16 GEMM at
+# 1% of the peak. The default below (run 3: cuBLAS GEMMs instead of Triton's) compiled the steps in
+# 5-18 s with JAX's GEMM at 72-76% of the datasheet peak. GPU_XLA_FLAGS overrides it ('' for XLA's
+# defaults); the GEMM probe below falls back to the defaults when XLA rejects a flag.
 export XLA_FLAGS="${XLA_FLAGS:-} ${GPU_XLA_FLAGS---xla_gpu_enable_triton_gemm=false}"
 PARTS=${GPU_RUN_PARTS:-all}   # or a space-separated list of part names
 
@@ -84,6 +85,36 @@ except Exception as e:  # noqa: BLE001
     print("bitsandbytes native library: not loaded:", type(e).__name__, e)
 EOF
 
+# the GEMM rate under these XLA flags, first (a flag XLA does not know stops JAX from starting:
+# then XLA's defaults are used for the rest of the run)
+gemm_probe() {
+  timeout 90 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import os, time
+import jax, jax.numpy as jnp
+print("XLA_FLAGS:", repr(os.environ.get("XLA_FLAGS", "")))
+n = 8192 if jax.default_backend() == "gpu" else 1024  # small on a rehearsal machine
+a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+t0 = time.perf_counter()
+mm = jax.jit(jnp.matmul).lower(a, b).compile()
+print(f"JAX bf16 {n}^3 matmul: compiled in {time.perf_counter() - t0:.1f} s")
+mm(a, b).block_until_ready()
+ts = []
+for _ in range(10):
+    t0 = time.perf_counter()
+    mm(a, b).block_until_ready()
+    ts.append(time.perf_counter() - t0)
+t = sorted(ts)[len(ts) // 2]
+print(f"JAX bf16 {n}^3 matmul: median {t * 1e3:.2f} ms, {2 * n ** 3 / t / 1e12:.1f} TFLOP/s")
+EOF
+}
+say "GEMM probe"
+if ! gemm_probe; then
+  say "FAILED: GEMM probe with XLA_FLAGS='$XLA_FLAGS'; using XLA's defaults from here on"
+  export XLA_FLAGS=""
+  gemm_probe || say "FAILED: GEMM probe with XLA's defaults"
+fi
+
 # ---------------------------------------------------------------------------- parts
 if [ ! -s "$RES" ]; then
   printf '%s\n\n%s\n%s\n' "# Benchmark results: GPU run" \
@@ -123,8 +154,26 @@ part lora_step_gpu 100 65 "$PY" $B/lora_step.py "${STEPS[@]}" \
     --results "$RES" --json "$OUT/lora_step_gpu.json"
 part nf4_ops_gpu 60 45 "$PY" $B/nf4_ops.py --bf16 ${SMK[@]+"${SMK[@]}"} \
     --results "$RES" --json "$OUT/nf4_ops_gpu.json"
-part memory_on_paper_gpu 120 0 "$PY" $B/memory_on_paper.py --quick ${SMK[@]+"${SMK[@]}"} \
+# GPU_RUN_DUMP=1: XLA dumps the compiled train steps (HLO after optimisation, buffer assignment,
+# memory-usage report: which buffers are alive at the peak) into $OUT/xla_dump.tgz
+MEM_ENV=()
+if [ "${GPU_RUN_DUMP:-0}" = 1 ]; then
+  DUMP=/tmp/xla_dump; rm -rf "$DUMP"
+  MEM_ENV=(env "XLA_FLAGS=$XLA_FLAGS --xla_dump_to=$DUMP --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step")
+fi
+part memory_on_paper_gpu 120 0 ${MEM_ENV[@]+"${MEM_ENV[@]}"} "$PY" $B/memory_on_paper.py --quick ${SMK[@]+"${SMK[@]}"} \
     --results "$RES" --json "$OUT/memory_on_paper_gpu.json"
+if [ "${GPU_RUN_DUMP:-0}" = 1 ] && [ -d "$DUMP" ]; then
+  # the largest set that fits in one returned file (16 MiB)
+  for pat in 'memory-usage-report|buffer-assignment|after_optimizations\.txt' 'memory-usage-report|buffer-assignment' \
+             'memory-usage-report'; do
+    files=$(cd "$DUMP" && ls | grep -E "$pat")
+    [ -n "$files" ] || continue
+    (cd "$DUMP" && tar czf "$OUT/xla_dump.tgz" $files)
+    [ "$(stat -c %s "$OUT/xla_dump.tgz")" -le 15000000 ] && break
+  done
+  say "xla dump: $(ls "$DUMP" | wc -l) files, kept $(stat -c %s "$OUT/xla_dump.tgz" 2>/dev/null || echo 0) bytes compressed"
+fi
 # optional, only with time to spare (auto: at least 100 s left)
 left=$((BUDGET - ($(date +%s) - START)))
 if [ "$LORA_MEDIUM" = 1 ] || { [ "$LORA_MEDIUM" = auto ] && [ "$left" -ge 100 ]; }; then

@@ -349,8 +349,21 @@ def quick_main(args, argv) -> dict:
                    f"(analytic {an['total'] / GB:.2f} GB)")
         rows.append([a.name, meth, a.layers, v["argument"] / GB, v["temp"] / GB, v["peak"] / GB,
                      an["total"] / GB, by[2]["compile_s"] + by[3]["compile_s"]])
+    # the two schedule probes of the full run, on this backend: what one more layer keeps alive
+    probe_d = 256 if args.smoke else 4096
+    t0 = time.perf_counter()
+    probe = dequant_probe(probe_d)
+    r_hidden, r_seq = (128, 128) if args.smoke else (512, 512)
+    rprobe = remat_probe((1, 2) if args.smoke else (2, 4), hidden=r_hidden, seq=r_seq)
+    growth = {k: v[3] - v[2] for k, v in probe.items()}
+    r_lo, r_hi = sorted(next(iter(rprobe.values())))
+    r_growth = {k: (v[r_hi] - v[r_lo]) / (r_hi - r_lo) for k, v in rprobe.items()}
+    C.progress(f"probes on {backend} in {time.perf_counter() - t0:.1f} s: dequant growth per layer "
+               + ", ".join(f"{k} {v / probe_d ** 2:.2f} B/element" for k, v in growth.items())
+               + "; remat growth per layer " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r_growth.items()))
     m["uptime_end"] = C.load_average()
-    numbers = {"compiled": compiled, "raw": raw, "backend": backend}
+    numbers = {"compiled": compiled, "raw": raw, "backend": backend,
+               "dequant_probe_temp_bytes": probe, "remat_probe_temp_bytes": rprobe}
     goal_key = f"{configs[0][0].name}|qlora|fsdp1"
     goal = compiled[goal_key]["peak"] / GB
     an_goal = analytic(configs[0][0], "qlora", 1, seq, PAIRS, chunk)["total"] / GB
@@ -371,6 +384,13 @@ def quick_main(args, argv) -> dict:
         (f"Goal, {configs[0][0].name} QLoRA DPO step on one 48 GB device: compiled on {where} and "
          f"extrapolated {goal:.1f} GB ({'fits' if goal <= 48 else 'does NOT fit'}); analytic "
          f"{an_goal:.1f} GB ({'fits' if an_goal <= 48 else 'does NOT fit'})."),
+        (f"Probes on {where}, temp growth per extra layer (the full run's probes 1 and 2): jax.grad of "
+         f"x <- tanh(x @ W_i) over {probe_d} x {probe_d} NF4 kernels, 1024 bf16 tokens: "
+         + ", ".join(f"`{k}` {growth[k] / 1e6:.1f} MB ({growth[k] / probe_d ** 2:.2f} bytes per kernel "
+                     f"element)" for k in probe)
+         + f"; jax.grad of a Llama (hidden {r_hidden}, 4 x {r_seq} tokens, fp32): "
+         + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r_growth.items())
+         + ". One dequantized kernel kept per layer would be 2 (bf16) or 4 (fp32) bytes per element."),
         f"Load at end: `{m['uptime_end']}`.",
     ]
     name = "memory_on_paper_gpu" if prec.gpu else "memory_on_paper_quick"

@@ -189,6 +189,18 @@ def test_memory_on_paper_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_memory_on_paper_quick_smoke(tmp_path):
+    # --quick: what the GPU run compiles (here on the CPU), with the two schedule probes
+    n = _run("memory_on_paper", tmp_path, "--quick", section="memory_on_paper_quick")
+    assert set(n["compiled"]) == {"tiny|qlora|fsdp1", "tiny|full|fsdp1"}
+    assert all(v["peak"] > 0 for v in n["compiled"].values())
+    assert set(n["dequant_probe_temp_bytes"]) == {"plain", "nf4_matmul"}
+    assert all(set(v) == {"2", "3"} for v in n["dequant_probe_temp_bytes"].values())
+    assert set(n["remat_probe_temp_bytes"]) == {"none", "jax.checkpoint", "jaxalign remat"}
+    assert "Probes on XLA's CPU backend" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow
 def test_scaling_smoke(tmp_path):
     n = _run("scaling", tmp_path)
     assert n["max_loss_diff"] < 1e-4
