@@ -89,23 +89,21 @@ EOF
 # then XLA's defaults are used for the rest of the run)
 gemm_probe() {
   timeout 90 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
-import os, time
+import os, statistics, time
 import jax, jax.numpy as jnp
+from experiments.benchmarks import common as C
 print("XLA_FLAGS:", repr(os.environ.get("XLA_FLAGS", "")))
 n = 8192 if jax.default_backend() == "gpu" else 1024  # small on a rehearsal machine
-a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
-b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
 t0 = time.perf_counter()
-mm = jax.jit(jnp.matmul).lower(a, b).compile()
-print(f"JAX bf16 {n}^3 matmul: compiled in {time.perf_counter() - t0:.1f} s")
-mm(a, b).block_until_ready()
+run, flops = C.jax_matmul(n, jnp.bfloat16)  # compiles and runs it once
+print(f"JAX bf16 {n}^3 matmul: compiled and ran once in {time.perf_counter() - t0:.1f} s")
 ts = []
 for _ in range(10):
     t0 = time.perf_counter()
-    mm(a, b).block_until_ready()
+    run()
     ts.append(time.perf_counter() - t0)
-t = sorted(ts)[len(ts) // 2]
-print(f"JAX bf16 {n}^3 matmul: median {t * 1e3:.2f} ms, {2 * n ** 3 / t / 1e12:.1f} TFLOP/s")
+t = statistics.median(ts)
+print(f"JAX bf16 {n}^3 matmul: median {t * 1e3:.2f} ms, {flops / t / 1e12:.1f} TFLOP/s")
 EOF
 }
 say "GEMM probe"

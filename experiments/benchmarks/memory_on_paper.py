@@ -304,6 +304,19 @@ def remat_probe(layers=(2, 4), *, hidden: int = 512, seq: int = 512) -> dict:
     return out
 
 
+def schedule_probes(smoke: bool) -> tuple:
+    """Both probes at the run's sizes: (probe_d, dequant temps, their growth per layer, r_hidden,
+    r_seq, remat temps, their growth per layer)."""
+    probe_d = 256 if smoke else 4096
+    probe = dequant_probe(probe_d)
+    growth = {k: v[3] - v[2] for k, v in probe.items()}
+    r_hidden, r_seq = (128, 128) if smoke else (512, 512)
+    rprobe = remat_probe((1, 2) if smoke else (2, 4), hidden=r_hidden, seq=r_seq)
+    r_lo, r_hi = sorted(next(iter(rprobe.values())))
+    r_growth = {k: (v[r_hi] - v[r_lo]) / (r_hi - r_lo) for k, v in rprobe.items()}
+    return probe_d, probe, growth, r_hidden, r_seq, rprobe, r_growth
+
+
 def worker(argv):
     import argparse
     import json
@@ -350,14 +363,8 @@ def quick_main(args, argv) -> dict:
         rows.append([a.name, meth, a.layers, v["argument"] / GB, v["temp"] / GB, v["peak"] / GB,
                      an["total"] / GB, by[2]["compile_s"] + by[3]["compile_s"]])
     # the two schedule probes of the full run, on this backend: what one more layer keeps alive
-    probe_d = 256 if args.smoke else 4096
     t0 = time.perf_counter()
-    probe = dequant_probe(probe_d)
-    r_hidden, r_seq = (128, 128) if args.smoke else (512, 512)
-    rprobe = remat_probe((1, 2) if args.smoke else (2, 4), hidden=r_hidden, seq=r_seq)
-    growth = {k: v[3] - v[2] for k, v in probe.items()}
-    r_lo, r_hi = sorted(next(iter(rprobe.values())))
-    r_growth = {k: (v[r_hi] - v[r_lo]) / (r_hi - r_lo) for k, v in rprobe.items()}
+    probe_d, probe, growth, r_hidden, r_seq, rprobe, r_growth = schedule_probes(args.smoke)
     C.progress(f"probes on {backend} in {time.perf_counter() - t0:.1f} s: dequant growth per layer "
                + ", ".join(f"{k} {v / probe_d ** 2:.2f} B/element" for k, v in growth.items())
                + "; remat growth per layer " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r_growth.items()))
@@ -451,13 +458,7 @@ def main(argv=None):
         per_layer = (l3["temp"] - l2["temp"]) / (counts(a)["layer_linear"] / fsdp)
         rows_c.append([a.name, meth, fsdp, v["argument"] / GB, v["temp"] / GB, v["peak"] / GB,
                        an["total"] / GB, per_layer, l2["compile_s"] + l3["compile_s"]])
-    probe_d = 256 if args.smoke else 4096
-    probe = dequant_probe(probe_d)
-    growth = {k: v[3] - v[2] for k, v in probe.items()}
-    r_hidden, r_seq = (128, 128) if args.smoke else (512, 512)
-    rprobe = remat_probe((1, 2) if args.smoke else (2, 4), hidden=r_hidden, seq=r_seq)
-    r_lo, r_hi = sorted(next(iter(rprobe.values())))
-    r_growth = {k: (v[r_hi] - v[r_lo]) / (r_hi - r_lo) for k, v in rprobe.items()}
+    probe_d, probe, growth, r_hidden, r_seq, rprobe, r_growth = schedule_probes(args.smoke)
     fsdp_all = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     rows_a = []
     for a in archs:
