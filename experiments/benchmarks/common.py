@@ -266,13 +266,16 @@ def median(xs: Sequence[float]) -> float:
 
 
 def alternate(fns: dict[str, Callable[[], object]], *, steps: int, warmup: int = 1,
-              block: int = 1) -> dict[str, list[float]]:
+              block: int = 1, before: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Times each callable `steps` times after `warmup` untimed calls, interleaving them round by
     round (the order rotates each round) so that load changes hit every contestant alike.
 
     `block` > 1: each turn is `block` consecutive timed calls of one contestant (steps * block
     calls each), so that most calls find the caches and threads as the contestant's own previous
     call left them, not as a competitor's did.
+
+    `before`: called, untimed, before every timed call (e.g. a cache flush, so that every call
+    starts from the same state whoever ran last).
 
     Each callable must block until its work is done. Returns name -> list of seconds."""
     if block < 1:
@@ -286,6 +289,8 @@ def alternate(fns: dict[str, Callable[[], object]], *, steps: int, warmup: int =
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
             for _ in range(block):
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 fns[n]()
                 times[n].append(time.perf_counter() - t0)

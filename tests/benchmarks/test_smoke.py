@@ -172,6 +172,10 @@ def test_alternate_turns():
     assert "".join(calls) == "abc" + "aabbcc" + "bbccaa" + "ccaabb"
     with pytest.raises(ValueError, match="block"):
         common.alternate(fns, steps=1, block=0)
+    # `before` runs before every timed call, not before the warm-up calls
+    calls.clear()
+    common.alternate(fns, steps=2, warmup=1, before=lambda: calls.append("|"))
+    assert "".join(calls) == "abc" + "|a|b|c" + "|b|c|a"
 
 
 @pytest.mark.slow
@@ -255,7 +259,7 @@ def test_attention_cpu_smoke(tmp_path):
 def test_nf4_dequant_processes_smoke(tmp_path):
     n = _run("nf4_dequant_processes", tmp_path)
     (run,) = n["runs"]  # one fresh process in --smoke
-    for protocol in ("alternating", "alone"):
+    for protocol in ("alternating", "alone", "alternating_flushed"):
         _positive_times(run[protocol])
         assert set(run[protocol]) == {"jaxalign", "bitsandbytes"}
-    assert set(n["jaxalign_faster"]) == {"alternating", "alone"}
+    assert set(n["jaxalign_faster"]) == {"alternating", "alone", "alternating_flushed"}
