@@ -304,17 +304,24 @@ def remat_probe(layers=(2, 4), *, hidden: int = 512, seq: int = 512) -> dict:
     return out
 
 
-def schedule_probes(smoke: bool) -> tuple:
-    """Both probes at the run's sizes: (probe_d, dequant temps, their growth per layer, r_hidden,
-    r_seq, remat temps, their growth per layer)."""
-    probe_d = 256 if smoke else 4096
-    probe = dequant_probe(probe_d)
+def schedule_probes(smoke: bool) -> dict:
+    """Both probes at the run's sizes: their temp bytes ('dequant', 'remat': {variant: {L: bytes}}),
+    what each compiles ('dequant_setup', 'remat_setup') and its growth per extra layer as text
+    ('dequant_growth', 'remat_growth')."""
+    d = 256 if smoke else 4096
+    probe = dequant_probe(d)
     growth = {k: v[3] - v[2] for k, v in probe.items()}
-    r_hidden, r_seq = (128, 128) if smoke else (512, 512)
-    rprobe = remat_probe((1, 2) if smoke else (2, 4), hidden=r_hidden, seq=r_seq)
-    r_lo, r_hi = sorted(next(iter(rprobe.values())))
-    r_growth = {k: (v[r_hi] - v[r_lo]) / (r_hi - r_lo) for k, v in rprobe.items()}
-    return probe_d, probe, growth, r_hidden, r_seq, rprobe, r_growth
+    hidden, seq = (128, 128) if smoke else (512, 512)
+    rprobe = remat_probe((1, 2) if smoke else (2, 4), hidden=hidden, seq=seq)
+    lo, hi = sorted(next(iter(rprobe.values())))
+    return {
+        "dequant": probe, "remat": rprobe,
+        "dequant_setup": f"jax.grad of a chain x <- tanh(x @ W_i) over {d} x {d} NF4 kernels, 1024 bf16 tokens",
+        "remat_setup": f"jax.grad of a Llama (hidden {hidden}, 4 x {seq} tokens, fp32)",
+        "dequant_growth": ", ".join(f"`{k}` {g / 1e6:.1f} MB ({g / d ** 2:.2f} bytes per kernel element)"
+                                    for k, g in growth.items()),
+        "remat_growth": ", ".join(f"{k} {(v[hi] - v[lo]) / (hi - lo) / 1e6:.1f} MB" for k, v in rprobe.items()),
+    }
 
 
 def worker(argv):
@@ -364,13 +371,12 @@ def quick_main(args, argv) -> dict:
                      an["total"] / GB, by[2]["compile_s"] + by[3]["compile_s"]])
     # the two schedule probes of the full run, on this backend: what one more layer keeps alive
     t0 = time.perf_counter()
-    probe_d, probe, growth, r_hidden, r_seq, rprobe, r_growth = schedule_probes(args.smoke)
-    C.progress(f"probes on {backend} in {time.perf_counter() - t0:.1f} s: dequant growth per layer "
-               + ", ".join(f"{k} {v / probe_d ** 2:.2f} B/element" for k, v in growth.items())
-               + "; remat growth per layer " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r_growth.items()))
+    pr = schedule_probes(args.smoke)
+    C.progress(f"probes on {backend} in {time.perf_counter() - t0:.1f} s, growth per layer: dequant "
+               f"{pr['dequant_growth']}; remat {pr['remat_growth']}")
     m["uptime_end"] = C.load_average()
     numbers = {"compiled": compiled, "raw": raw, "backend": backend,
-               "dequant_probe_temp_bytes": probe, "remat_probe_temp_bytes": rprobe}
+               "dequant_probe_temp_bytes": pr["dequant"], "remat_probe_temp_bytes": pr["remat"]}
     goal_key = f"{configs[0][0].name}|qlora|fsdp1"
     goal = compiled[goal_key]["peak"] / GB
     an_goal = analytic(configs[0][0], "qlora", 1, seq, PAIRS, chunk)["total"] / GB
@@ -391,13 +397,9 @@ def quick_main(args, argv) -> dict:
         (f"Goal, {configs[0][0].name} QLoRA DPO step on one 48 GB device: compiled on {where} and "
          f"extrapolated {goal:.1f} GB ({'fits' if goal <= 48 else 'does NOT fit'}); analytic "
          f"{an_goal:.1f} GB ({'fits' if an_goal <= 48 else 'does NOT fit'})."),
-        (f"Probes on {where}, temp growth per extra layer (the full run's probes 1 and 2): jax.grad of "
-         f"x <- tanh(x @ W_i) over {probe_d} x {probe_d} NF4 kernels, 1024 bf16 tokens: "
-         + ", ".join(f"`{k}` {growth[k] / 1e6:.1f} MB ({growth[k] / probe_d ** 2:.2f} bytes per kernel "
-                     f"element)" for k in probe)
-         + f"; jax.grad of a Llama (hidden {r_hidden}, 4 x {r_seq} tokens, fp32): "
-         + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r_growth.items())
-         + ". One dequantized kernel kept per layer would be 2 (bf16) or 4 (fp32) bytes per element."),
+        (f"Probes on {where}, temp growth per extra layer (the full run's probes 1 and 2): "
+         f"{pr['dequant_setup']}: {pr['dequant_growth']}; {pr['remat_setup']}: {pr['remat_growth']}. "
+         "One dequantized kernel kept per layer would be 2 (bf16) or 4 (fp32) bytes per element."),
         f"Load at end: `{m['uptime_end']}`.",
     ]
     name = "memory_on_paper_gpu" if prec.gpu else "memory_on_paper_quick"
@@ -458,7 +460,7 @@ def main(argv=None):
         per_layer = (l3["temp"] - l2["temp"]) / (counts(a)["layer_linear"] / fsdp)
         rows_c.append([a.name, meth, fsdp, v["argument"] / GB, v["temp"] / GB, v["peak"] / GB,
                        an["total"] / GB, per_layer, l2["compile_s"] + l3["compile_s"]])
-    probe_d, probe, growth, r_hidden, r_seq, rprobe, r_growth = schedule_probes(args.smoke)
+    pr = schedule_probes(args.smoke)
     fsdp_all = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     rows_a = []
     for a in archs:
@@ -480,8 +482,8 @@ def main(argv=None):
         if a.name.startswith("65B") and (i, "qlora", 1) in compiled:
             goal = compiled[(i, "qlora", 1)]["peak"] / GB
     numbers["qlora_65b_single_device_gb"] = goal
-    numbers["dequant_probe_temp_bytes"] = probe
-    numbers["remat_probe_temp_bytes"] = rprobe
+    numbers["dequant_probe_temp_bytes"] = pr["dequant"]
+    numbers["remat_probe_temp_bytes"] = pr["remat"]
     a65 = [a for a in archs if a.name.startswith("65B")]
     numbers["qlora_65b_analytic_gb"] = analytic(a65[0], "qlora", 1)["total"] / GB if a65 else None
     parts = [
@@ -494,18 +496,15 @@ def main(argv=None):
         C.table(["model", "method", "fsdp", "compiled args GB", "compiled temp GB",
                  "compiled peak GB / device", "analytic GB / device",
                  "compiled temp per extra layer, bytes / (layer params / fsdp)", "compile s (2+3 layers)"], rows_c),
-        f"Probe 1 (NF4 dequantization schedule): XLA temp of jax.grad of a chain x <- tanh(x @ W_i) over "
-        f"{probe_d} x {probe_d} NF4 kernels, 1024 bf16 tokens; growth per extra layer: "
-        + ", ".join(f"`{k}` {growth[k] / 1e6:.1f} MB ({growth[k] / probe_d ** 2:.2f} bytes per kernel "
-                    f"element)" for k in probe)
+        f"Probe 1 (NF4 dequantization schedule): XLA temp of {pr['dequant_setup']}; growth per extra "
+        f"layer: {pr['dequant_growth']}"
         + ". With `x @ dequantize_nf4(Q)` XLA:CPU hoists every layer's dequantization (a gather from the "
         "16-entry codebook into an fp32 [n] buffer) to the start and keeps the results for the "
         "backward pass; `nf4_matmul` (what the models use) dequantizes with a fusible select tree, tied "
         "to the activation in the forward and to the cotangent in the backward, and saves only the "
         "quantized weight, so the growth left is the per-layer activation.",
-        f"Probe 2 (rematerialisation): XLA temp of jax.grad of a Llama (hidden {r_hidden}, 4 x {r_seq} "
-        "tokens, fp32), growth per extra layer: "
-        + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r_growth.items())
+        f"Probe 2 (rematerialisation): XLA temp of {pr['remat_setup']}, growth per extra layer: "
+        f"{pr['remat_growth']}"
         + ". XLA:CPU drops jax.checkpoint's optimization barriers before CSE, so flax's `nn.remat` "
         "keeps every activation; `jaxalign.models.remat` ties the recomputation to the cotangent and "
         "keeps one block input per layer.",
