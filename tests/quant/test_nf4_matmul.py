@@ -1,6 +1,7 @@
 """nf4_matmul: bit-equal to the dense product, frozen NF4 weight, one dequantized kernel at a time."""
 
 import jax
+import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,3 +92,53 @@ def _chain_dense(x, qs):
     for q in qs:
         x = jnp.tanh(x @ dequantize_nf4(q, x.dtype))
     return x
+
+
+def _untied_reads(jaxpr, sources, waits_for):
+    """Primitives in `jaxpr` (nested jaxprs included) that read a value derived from the invars
+    flagged in `sources` without also reading one derived from those flagged in `waits_for`."""
+    src, dep, found = {}, {}, []
+
+    def flag(v, table):
+        return not isinstance(v, jcore.Literal) and table.get(v, False)
+
+    def walk(jx, s_in, d_in):
+        for v, s, d in zip(jx.invars, s_in, d_in):
+            src[v], dep[v] = s, d
+        for eqn in jx.eqns:
+            s = [flag(v, src) for v in eqn.invars]
+            d = [flag(v, dep) for v in eqn.invars]
+            subs = [p for p in eqn.params.values() for p in (p if isinstance(p, (list, tuple)) else [p])
+                    if isinstance(p, (jcore.Jaxpr, jcore.ClosedJaxpr))]
+            if subs:  # a call, a cond (operands after the predicate) or a custom rule: look inside
+                for sub in subs:
+                    sj = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+                    k = len(eqn.invars) - len(sj.invars)
+                    walk(sj, s[k:], [any(d)] * len(sj.invars) if k else d[k:])
+            elif any(s) and not any(d):
+                found.append(eqn.primitive.name)
+            for v in eqn.outvars:
+                src[v], dep[v] = any(s), any(d)
+
+    walk(jaxpr, [n in sources for n in range(len(jaxpr.invars))],
+         [n in waits_for for n in range(len(jaxpr.invars))])
+    return found
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_no_part_of_the_dequantization_can_run_before_after(double_quant):
+    """Every operation that reads the codes (or the 8-bit absmax) also waits for `after`: nothing
+    derived from the weight alone (such as the codebook lookups) can be computed early and kept
+    for every layer. XLA:GPU's cost model did exactly that when only the scales were tied."""
+    q = _q((40, 66), double_quant=double_quant)
+    x = jnp.ones((2, 40), jnp.float32)
+    leaves = jax.tree.leaves(q)
+    jaxpr = jax.make_jaxpr(lambda x, *l: dequantize_nf4(jax.tree.unflatten(jax.tree.structure(q), l),
+                                                        after=x))(x, *leaves).jaxpr
+    integer = {1 + i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.integer)}
+    assert integer, "the codes are uint8"
+    assert _untied_reads(jaxpr, integer, {0}) == []
+    # the check can fail: without `after` every read of the codes is untied
+    plain = jax.make_jaxpr(lambda *l: dequantize_nf4(jax.tree.unflatten(jax.tree.structure(q), l)))(
+        *leaves).jaxpr
+    assert _untied_reads(plain, {i - 1 for i in integer}, set())
