@@ -3,12 +3,16 @@
   python experiments/benchmarks/memory_on_paper.py
   python experiments/benchmarks/memory_on_paper.py --smoke --results ''
   python experiments/benchmarks/memory_on_paper.py --quick   # 65B QLoRA + 7B full FT, this backend
+  python experiments/benchmarks/memory_on_paper.py --quick --gpu-target h100   # no GPU needed
 
 `--quick` compiles only the 65B QLoRA step and the 7B full fine-tune step on one device (2 and 3
-layers each, extrapolated as below), in this process on JAX's default backend: on a GPU that is
-XLA's GPU compiler and memory analysis (still abstract shapes, nothing allocated), the case the
-CPU backend's numbers stand in for. No emulated fsdp, no probes. Its section is
-`memory_on_paper_gpu` on a GPU, `memory_on_paper_quick` on the CPU.
+layers each, extrapolated as below), and the two schedule probes, in this process on JAX's
+default backend: on a GPU that is XLA's GPU compiler and memory analysis (still abstract shapes,
+nothing allocated), the case the CPU backend's numbers stand in for. No emulated fsdp. Its
+section is `memory_on_paper_gpu` on a GPU, `memory_on_paper_quick` on the CPU.
+`--gpu-target NAME` (with `--quick`) compiles the same programs with XLA's GPU compiler for the
+GPU described in `gpu_targets/NAME.txtpb`, on a machine without one (`gpu_target.py`: needs JAX's
+CUDA plugin, `pip install "jax[cuda12]"`); section `memory_on_paper_gpu_target_NAME`.
 
 Nothing of model size is allocated: params, adapters, optimizer state and batch are
 `jax.ShapeDtypeStruct`s (`jax.eval_shape` of the real initialisers, NF4 included), and the
@@ -46,6 +50,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.benchmarks import common as C  # noqa: E402
+from experiments.benchmarks import gpu_target  # noqa: E402
 
 GB = 1e9
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127 bits per quantized parameter
@@ -147,9 +152,10 @@ def nf4_sharding(q, mesh):
 
 
 def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: int, chunk: int, *,
-                 reference: str | None = None, remat: bool = True) -> dict:
+                 reference: str | None = None, remat: bool = True, device=None) -> dict:
     """XLA memory analysis of one jitted DPO step on abstract inputs (`reference` overrides the
-    method's default reference mode; 'precomputed' adds the two log-prob vectors to the batch)."""
+    method's default reference mode; 'precomputed' adds the two log-prob vectors to the batch).
+    device: compile for this device (a `gpu_target` compile-only one) instead of the default's."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -230,7 +236,7 @@ def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: 
     import time
 
     t0 = time.perf_counter()
-    with ctx or contextlib.nullcontext():
+    with ctx or contextlib.nullcontext(), gpu_target.compiling_for(device):
         compiled = step.lower(state, frozen, batch).compile()
     ma = compiled.memory_analysis()
     out = {k: int(getattr(ma, k + "_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
@@ -239,7 +245,7 @@ def compile_step(a: Arch, method: str, layers: int, fsdp: int, seq: int, pairs: 
     return out
 
 
-def dequant_probe(d: int, layers=(2, 3)) -> dict:
+def dequant_probe(d: int, layers=(2, 3), *, device=None) -> dict:
     """XLA temp bytes of jax.grad of a chain x <- tanh(x @ W_i) over L NF4 [d, d] kernels (bf16,
     1024 tokens), written as `x @ dequantize_nf4(Q_i)` ('plain') and as `nf4_matmul(x, Q_i)`.
     A memory-optimal schedule holds one dequantized kernel at a time plus one activation per layer;
@@ -264,12 +270,13 @@ def dequant_probe(d: int, layers=(2, 3)) -> dict:
                 return x.astype(jnp.float32).sum()
 
             x = jax.ShapeDtypeStruct((1024, d), jnp.bfloat16)
-            ma = jax.jit(jax.grad(loss)).lower(x, qs).compile().memory_analysis()
+            with gpu_target.compiling_for(device):
+                ma = jax.jit(jax.grad(loss)).lower(x, qs).compile().memory_analysis()
             out[name][n_layers] = int(ma.temp_size_in_bytes)
     return out
 
 
-def remat_probe(layers=(2, 4), *, hidden: int = 512, seq: int = 512) -> dict:
+def remat_probe(layers=(2, 4), *, hidden: int = 512, seq: int = 512, device=None) -> dict:
     """XLA temp bytes of jax.grad of a small Llama (4 x seq tokens, fp32) without remat,
     with flax's `nn.remat` (jax.checkpoint) on each block, and with jaxalign's `remat=True`.
     Returns {variant: {L: bytes}}."""
@@ -296,7 +303,8 @@ def remat_probe(layers=(2, 4), *, hidden: int = 512, seq: int = 512) -> dict:
             try:
                 loss = lambda p, t: jnp.mean(model.apply({"params": p}, t))
                 tokens = jax.ShapeDtypeStruct((4, seq), jnp.int32)
-                ma = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis()
+                with gpu_target.compiling_for(device):
+                    ma = jax.jit(jax.grad(loss)).lower(params, tokens).compile().memory_analysis()
             finally:
                 if name == "jax.checkpoint":
                     llama_mod.Block = orig
@@ -304,15 +312,15 @@ def remat_probe(layers=(2, 4), *, hidden: int = 512, seq: int = 512) -> dict:
     return out
 
 
-def schedule_probes(smoke: bool) -> dict:
+def schedule_probes(smoke: bool, *, device=None) -> dict:
     """Both probes at the run's sizes: their temp bytes ('dequant', 'remat': {variant: {L: bytes}}),
     what each compiles ('dequant_setup', 'remat_setup') and its growth per extra layer as text
     ('dequant_growth', 'remat_growth')."""
     d = 256 if smoke else 4096
-    probe = dequant_probe(d)
+    probe = dequant_probe(d, device=device)
     growth = {k: v[3] - v[2] for k, v in probe.items()}
     hidden, seq = (128, 128) if smoke else (512, 512)
-    rprobe = remat_probe((1, 2) if smoke else (2, 4), hidden=hidden, seq=seq)
+    rprobe = remat_probe((1, 2) if smoke else (2, 4), hidden=hidden, seq=seq, device=device)
     lo, hi = sorted(next(iter(rprobe.values())))
     return {
         "dequant": probe, "remat": rprobe,
@@ -346,8 +354,10 @@ def quick_main(args, argv) -> dict:
     default backend (a GPU's when there is one), 2 and 3 layers extrapolated to the real depth."""
     import time
 
+    target = args.gpu_target
+    device = gpu_target.device(target) if target else None
     prec = C.Precision(bf16=True, gpu=C.on_gpu())
-    backend = C.gpu_name() if prec.gpu else "CPU"
+    backend = gpu_target.describe(target) if target else (C.gpu_name() if prec.gpu else "CPU")
     m = C.machine(device=True)
     seq, chunk = (SMOKE_SEQ, SMOKE_CHUNK) if args.smoke else (SEQ, VOCAB_CHUNK)
     # (arch, method): the goal's case first, so a cut-short run still has it in its log
@@ -358,7 +368,7 @@ def quick_main(args, argv) -> dict:
         by = {}
         for layers in (2, 3):
             t0 = time.perf_counter()
-            by[layers] = compile_step(a, meth, layers, 1, seq, PAIRS, chunk)
+            by[layers] = compile_step(a, meth, layers, 1, seq, PAIRS, chunk, device=device)
             C.progress(f"{a.name} {meth} {layers} layers on {backend}: peak {by[layers]['peak'] / GB:.2f} GB, "
                        f"temp {by[layers]['temp'] / GB:.2f} GB, compiled in {time.perf_counter() - t0:.1f} s")
         v = extrapolate(by[2], by[3], a.layers)
@@ -371,7 +381,7 @@ def quick_main(args, argv) -> dict:
                      an["total"] / GB, by[2]["compile_s"] + by[3]["compile_s"]])
     # the two schedule probes of the full run, on this backend: what one more layer keeps alive
     t0 = time.perf_counter()
-    pr = schedule_probes(args.smoke)
+    pr = schedule_probes(args.smoke, device=device)
     C.progress(f"probes on {backend} in {time.perf_counter() - t0:.1f} s, growth per layer: dequant "
                f"{pr['dequant_growth']}; remat {pr['remat_growth']}")
     m["uptime_end"] = C.load_average()
@@ -383,7 +393,11 @@ def quick_main(args, argv) -> dict:
     numbers["qlora_65b_single_device_gb"] = goal if not args.smoke else None
     numbers["goal_config_gb"] = goal
     numbers["goal_config_analytic_gb"] = an_goal
-    where = (f"XLA's GPU backend ({backend}; JAX backend `{C.jax_backend()}`)" if prec.gpu
+    import jax
+
+    where = (f"XLA's GPU compiler for {backend}, with a compile-only device (no GPU in this machine; "
+             f"JAX {jax.__version__} and its CUDA plugin)" if target
+             else f"XLA's GPU backend ({backend}; JAX backend `{C.jax_backend()}`)" if prec.gpu
              else "XLA's CPU backend")
     parts = [
         (f"Per device: {PAIRS} pair ({2 * PAIRS} sequences) x {seq} tokens, DPO (policy forward+backward, "
@@ -402,9 +416,12 @@ def quick_main(args, argv) -> dict:
          "One dequantized kernel kept per layer would be 2 (bf16) or 4 (fp32) bytes per element."),
         f"Load at end: `{m['uptime_end']}`.",
     ]
-    name = "memory_on_paper_gpu" if prec.gpu else "memory_on_paper_quick"
+    numbers["gpu_target"] = target or None
+    name = (f"memory_on_paper_gpu_target_{target}" if target
+            else "memory_on_paper_gpu" if prec.gpu else "memory_on_paper_quick")
     title = ("Memory on paper, quick: 65B QLoRA and 7B full fine-tune DPO steps, compiled for "
-             + (f"the GPU ({backend})" if prec.gpu else "the CPU"))
+             + (f"the {backend.split(' (')[0]} without one" if target
+                else f"the GPU ({backend})" if prec.gpu else "the CPU"))
     return C.finish(args, name, title, argv, m, parts, numbers)
 
 
@@ -425,7 +442,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="only the 65B QLoRA and 7B full fine-tune steps on one device, compiled in this "
                         "process on JAX's default backend (the GPU's XLA where there is one)")
+    p.add_argument("--gpu-target", default="", choices=[""] + gpu_target.names(),
+                   help="with --quick: compile for this GPU (gpu_targets/NAME.txtpb) without one; "
+                        "needs JAX's CUDA plugin")
     args = p.parse_args(argv)
+    if args.gpu_target and not args.quick:
+        p.error("--gpu-target compiles the --quick programs only: add --quick")
+    if args.gpu_target:
+        gpu_target.prepare()  # before JAX starts its backends
     if args.quick:
         return quick_main(args, argv)
     archs = SMOKE_ARCHS if args.smoke else ARCHS
