@@ -160,6 +160,9 @@ def test_nf4_ops_smoke(tmp_path):
     _positive_times(n["matmul_s"])
     _positive_times(n["dequantize_blocks_s"])
     assert n["dequantize_block"] == 2
+    _positive_times(n["dequantize_burst_s"])
+    assert set(n["dequantize_burst_s"]) == {"jaxalign", "bitsandbytes", "jaxalign in one jit"}
+    assert n["dequantize_burst"] == 2
 
 
 def test_alternate_turns():
