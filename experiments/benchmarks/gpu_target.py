@@ -2,9 +2,10 @@
 
 JAX's CUDA plugin (`pip install "jax[cuda12]"`, the same version as jax) compiles without a GPU or
 a driver when it is given the GPU's description, an XLA `GpuTargetConfigProto` in text form
-(`gpu_targets/<name>.txtpb`). Programs lowered for the returned device (`compiling_for`) are
-optimised, scheduled and buffer-assigned exactly as XLA:GPU does for that GPU, so their
-`memory_analysis()` is the GPU's, while nothing runs.
+(`gpu_targets/<name>.txtpb`). Programs lowered for the returned device (`compiling_for`) go
+through XLA:GPU's passes, scheduling and buffer assignment for a GPU of that description, and
+nothing runs. Close to a compile on the GPU itself, not always the same: RESULTS.md compares the
+two (the 65B QLoRA step and the dequantization probe matched the H200's, the remat probe did not).
 
 Call `prepare()` before JAX initialises its backends (before the first `jax.devices()`):
 - the plugin's start-up check of the CUDA installation calls the driver, which is absent here, so

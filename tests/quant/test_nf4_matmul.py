@@ -110,11 +110,12 @@ def _untied_reads(jaxpr, sources, waits_for):
             d = [flag(v, dep) for v in eqn.invars]
             subs = [p for p in eqn.params.values() for p in (p if isinstance(p, (list, tuple)) else [p])
                     if isinstance(p, (jcore.Jaxpr, jcore.ClosedJaxpr))]
-            if subs:  # a call, a cond (operands after the predicate) or a custom rule: look inside
+            if subs:  # a call, a cond or a custom rule: look inside
                 for sub in subs:
                     sj = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
                     k = len(eqn.invars) - len(sj.invars)
-                    walk(sj, s[k:], [any(d)] * len(sj.invars) if k else d[k:])
+                    # a cond's branches take the operands after its predicate, and wait for it
+                    walk(sj, s[k:], [dj or any(d[:k]) for dj in d[k:]])
             elif any(s) and not any(d):
                 found.append(eqn.primitive.name)
             for v in eqn.outvars:
