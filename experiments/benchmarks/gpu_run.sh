@@ -89,7 +89,7 @@ EOF
 # then XLA's defaults are used for the rest of the run)
 gemm_probe() {
   timeout 90 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
-import os, statistics, time
+import os, time
 import jax, jax.numpy as jnp
 from experiments.benchmarks import common as C
 print("XLA_FLAGS:", repr(os.environ.get("XLA_FLAGS", "")))
@@ -97,12 +97,7 @@ n = 8192 if jax.default_backend() == "gpu" else 1024  # small on a rehearsal mac
 t0 = time.perf_counter()
 run, flops = C.jax_matmul(n, jnp.bfloat16)  # compiles and runs it once
 print(f"JAX bf16 {n}^3 matmul: compiled and ran once in {time.perf_counter() - t0:.1f} s")
-ts = []
-for _ in range(10):
-    t0 = time.perf_counter()
-    run()
-    ts.append(time.perf_counter() - t0)
-t = statistics.median(ts)
+t = C.median(C.alternate({"gemm": run}, steps=10, warmup=0)["gemm"])
 print(f"JAX bf16 {n}^3 matmul: median {t * 1e3:.2f} ms, {flops / t / 1e12:.1f} TFLOP/s")
 EOF
 }

@@ -393,10 +393,8 @@ def quick_main(args, argv) -> dict:
     numbers["qlora_65b_single_device_gb"] = goal if not args.smoke else None
     numbers["goal_config_gb"] = goal
     numbers["goal_config_analytic_gb"] = an_goal
-    import jax
-
     where = (f"XLA's GPU compiler for {backend}, with a compile-only device (no GPU in this machine; "
-             f"JAX {jax.__version__} and its CUDA plugin)" if target
+             f"JAX {m['versions']['jax']} and its CUDA plugin)" if target
              else f"XLA's GPU backend ({backend}; JAX backend `{C.jax_backend()}`)" if prec.gpu
              else "XLA's CPU backend")
     parts = [

@@ -108,11 +108,9 @@ def _untied_reads(jaxpr, sources, waits_for):
         for eqn in jx.eqns:
             s = [flag(v, src) for v in eqn.invars]
             d = [flag(v, dep) for v in eqn.invars]
-            subs = [p for p in eqn.params.values() for p in (p if isinstance(p, (list, tuple)) else [p])
-                    if isinstance(p, (jcore.Jaxpr, jcore.ClosedJaxpr))]
+            subs = list(jcore.jaxprs_in_params(eqn.params))
             if subs:  # a call, a cond or a custom rule: look inside
-                for sub in subs:
-                    sj = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+                for sj in subs:
                     k = len(eqn.invars) - len(sj.invars)
                     # a cond's branches take the operands after its predicate, and wait for it
                     walk(sj, s[k:], [dj or any(d[:k]) for dj in d[k:]])
